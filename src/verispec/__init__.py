@@ -1,0 +1,54 @@
+"""verispec: lossless speculative decoding.
+
+import verispec
+target = verispec.load_model("qwen2.5-coder-1.5b")
+drafter = verispec.DraftModelDrafter(verispec.load_model("qwen2.5-coder-0.5b"), target=target)
+result = verispec.generate(target, drafter, "Write a quicksort in Python.")
+print(result.text, result.stats.acceptance_rate)
+"""
+
+from verispec.drafters import Draft, Drafter, DraftModelDrafter, PromptLookupDrafter, Proposer
+from verispec.engine import SequenceState, StepEvent, speculate
+from verispec.errors import (
+    IncompatibleTokenizersError,
+    InvalidArgumentError,
+    ModelFormatError,
+    ModelNotFoundError,
+    PromptTooLongError,
+    UnknownPresetError,
+    VerispecError,
+)
+from verispec.generate import Generation, GenerationResult, TextEvent, generate, stream
+from verispec.models import HFModel, LanguageModel, load_model
+from verispec.sampling import SamplingParams
+from verispec.stats import GenerationStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Draft",
+    "DraftModelDrafter",
+    "Drafter",
+    "Generation",
+    "GenerationResult",
+    "GenerationStats",
+    "HFModel",
+    "IncompatibleTokenizersError",
+    "InvalidArgumentError",
+    "LanguageModel",
+    "ModelFormatError",
+    "ModelNotFoundError",
+    "PromptLookupDrafter",
+    "PromptTooLongError",
+    "Proposer",
+    "SamplingParams",
+    "SequenceState",
+    "StepEvent",
+    "TextEvent",
+    "UnknownPresetError",
+    "VerispecError",
+    "generate",
+    "load_model",
+    "speculate",
+    "stream",
+]

@@ -1,0 +1,181 @@
+"""Drafters: cheap proposers of the next few tokens.
+
+A :class:`Drafter` is shared (it holds weights or settings); ``start()`` gives a
+:class:`Proposer` that owns one sequence's drafting state (e.g. the draft
+model's KV cache). A proposer is asked for up to ``k`` tokens after the
+current context and returns a :class:`Draft`: the tokens and, when they were
+sampled, the distributions they were sampled from. Deterministic drafters
+(prompt lookup, or any drafter under greedy decoding) return ``probs=None``;
+verification then treats the proposal as one-hot.
+
+Proposers need no notification of what was accepted: each call receives the
+full verified context and reconciles its own state with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from verispec.errors import InvalidArgumentError
+from verispec.models import LanguageModel, check_tokenizers_compatible
+from verispec.sampling import SamplingParams, sample, warp
+
+
+@dataclass(frozen=True)
+class Draft:
+    tokens: list[int]  # [k'] with k' <= k (k' may be 0: nothing to propose)
+    probs: torch.Tensor | None = None  # [k', vocab] sampling distributions of the tokens, or None
+
+
+class Proposer(Protocol):
+    def propose(
+        self,
+        context: Sequence[int],
+        k: int,
+        *,
+        params: SamplingParams,
+        generator: torch.Generator,
+    ) -> Draft: ...
+
+
+class Drafter(Protocol):
+    name: str
+
+    def start(self) -> Proposer:
+        """Begin drafting for one new sequence."""
+        ...
+
+
+def _common_prefix_length(a: list[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == list(b[:n]):
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
+
+
+class DraftModelDrafter:
+    """A smaller model of the same family drafts autoregressively.
+
+    Its tokenizer must equal the target's (checked here, at construction).
+    """
+
+    def __init__(self, model: LanguageModel, *, target: LanguageModel) -> None:
+        check_tokenizers_compatible(target.tokenizer, model.tokenizer)
+        self.model = model
+        self.target_vocab_size = target.vocab_size
+        self.name = f"draft model {model.name}"
+
+    def start(self) -> _DraftModelProposer:
+        return _DraftModelProposer(self.model, self.target_vocab_size)
+
+
+class _DraftModelProposer:
+    """One sequence's draft cache and the token ids it holds.
+
+    Off-by-one cases: after a partial accept the cache holds draft tokens the
+    target rejected, and is cropped back to the verified prefix; after a full
+    accept of k tokens it holds ``d_1 .. d_{k-1}`` only (``d_k`` was never fed),
+    so it is one token behind and the next call feeds ``d_k`` and the bonus
+    token together.
+    """
+
+    def __init__(self, model: LanguageModel, target_vocab_size: int) -> None:
+        self.model = model
+        self.vocab_size = target_vocab_size
+        self.cache = model.new_cache()
+        self.cached: list[int] = []  # the token ids behind self.cache, in order
+
+    def _align(self, logits: torch.Tensor) -> torch.Tensor:  # [vocab_draft] -> [vocab_target]
+        width = logits.shape[-1]
+        if width == self.vocab_size:
+            return logits
+        if width > self.vocab_size:
+            return logits[: self.vocab_size]
+        pad = torch.full((self.vocab_size - width,), float("-inf"), dtype=logits.dtype)
+        return torch.cat([logits, pad])
+
+    def propose(
+        self,
+        context: Sequence[int],
+        k: int,
+        *,
+        params: SamplingParams,
+        generator: torch.Generator,
+    ) -> Draft:
+        if k <= 0:
+            return Draft(tokens=[])
+        # 1. Keep the cached prefix that the verified context still agrees with;
+        #    at least the last context token is fed again to get fresh logits.
+        keep = min(_common_prefix_length(self.cached, context), len(context) - 1)
+        self.cache.crop(keep)
+        del self.cached[keep:]
+        # 2. Catch up: usually one token, two after a fully accepted draft.
+        new = list(context[keep:])
+        logits = self.model.forward(self.cache, new, num_logits=1)[-1]  # [vocab_draft]
+        self.cached.extend(new)
+        # 3. Draft k tokens one by one.
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        for i in range(k):
+            row = self._align(logits)  # [vocab]
+            if params.greedy:
+                token = int(row.argmax().item())
+            else:
+                p_draft = warp(row[None], params)[0]  # [vocab]
+                token = sample(p_draft, generator)
+                probs.append(p_draft)
+            tokens.append(token)
+            if i + 1 < k:
+                logits = self.model.forward(self.cache, [token], num_logits=1)[-1]
+                self.cached.append(token)
+        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
+
+
+class PromptLookupDrafter:
+    """Propose the continuation of the latest earlier occurrence of the context's tail.
+
+    Tries n-grams from ``max_ngram`` down to ``min_ngram``. Example with
+    context ``[1, 2, 3, 4, 2, 3]``, k = 2: the tail ``[2, 3]`` occurred at
+    positions 1-2, followed by ``[4, 2]``, so the draft is ``[4, 2]``.
+    Deterministic, so it returns no probabilities (one-hot proposal).
+    """
+
+    def __init__(self, *, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise InvalidArgumentError(
+                f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}"
+            )
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+        self.name = f"prompt lookup (n-gram {min_ngram}..{max_ngram})"
+
+    def start(self) -> PromptLookupDrafter:
+        return self  # stateless
+
+    def propose(
+        self,
+        context: Sequence[int],
+        k: int,
+        *,
+        params: SamplingParams,
+        generator: torch.Generator,
+    ) -> Draft:
+        del params, generator  # deterministic
+        if k <= 0 or len(context) < 2:
+            return Draft(tokens=[])
+        ids = np.asarray(context, dtype=np.int64)
+        length = len(ids)
+        # Earlier positions holding the last token; latest first.
+        ends = np.flatnonzero(ids[:-1] == ids[-1])[::-1]
+        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
+            tail = ids[length - n :]
+            for end in ends:
+                start = end - n + 1
+                if start >= 0 and np.array_equal(ids[start : end + 1], tail):
+                    return Draft(tokens=ids[end + 1 : end + 1 + k].tolist())
+        return Draft(tokens=[])

@@ -1,0 +1,192 @@
+"""The decode loop: draft -> verify -> accept -> roll back -> emit.
+
+The engine knows token ids, not text. One :class:`SequenceState` holds
+everything a sequence owns (tokens, target cache, drafter state, random
+generator, statistics), so a scheduler can step many sequences; nothing here
+is global.
+
+Invariant: the target cache holds every token but the last one. Each pass
+feeds ``[last token, d_1 .. d_k]`` and gets k + 1 rows of logits; after
+verification keeps ``d_1 .. d_n`` plus one recovered or bonus token, the cache
+is cropped to the context plus the n accepted drafts, and the new last token
+is again the one not yet fed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from verispec.drafters import Draft, Drafter, Proposer
+from verispec.errors import InvalidArgumentError, PromptTooLongError
+from verispec.models import LanguageModel, ModelCache
+from verispec.sampling import SamplingParams, warp
+from verispec.stats import GenerationStats
+from verispec.verify import greedy_verify, rejection_sample
+
+MAX_DRAFT_TOKENS = 64
+_NO_DRAFT = Draft(tokens=[])
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What one target pass added to the sequence."""
+
+    tokens: list[int]  # new tokens, in order (may be cut short by EOS / max tokens)
+    from_draft: list[bool]  # per token: proposed by the drafter and accepted
+    num_drafted: int
+    num_accepted: int
+    finish_reason: str | None  # "eos", "length" or None (more to come)
+
+
+@dataclass
+class SequenceState:
+    """One sequence being generated: all of its state, nothing shared."""
+
+    tokens: list[int]  # prompt + generated so far
+    prompt_length: int
+    max_new_tokens: int
+    params: SamplingParams
+    cache: ModelCache
+    proposer: Proposer | None
+    generator: torch.Generator
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    finish_reason: str | None = None
+    started_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_length :]
+
+
+def check_generation_args(*, max_new_tokens: int, num_draft_tokens: int) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
+        raise InvalidArgumentError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool):
+        raise InvalidArgumentError(f"num_draft_tokens must be an integer, got {num_draft_tokens!r}")
+    if not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+        raise InvalidArgumentError(
+            f"num_draft_tokens must be between 1 and {MAX_DRAFT_TOKENS}, got {num_draft_tokens}"
+        )
+
+
+def start_sequence(
+    target: LanguageModel,
+    drafter: Drafter | None,
+    prompt_ids: list[int],
+    *,
+    params: SamplingParams,
+    max_new_tokens: int,
+) -> SequenceState:
+    """Validate, then run the prompt pass (all prompt tokens but the last)."""
+    if not prompt_ids:
+        raise InvalidArgumentError("the prompt is empty")
+    if len(prompt_ids) >= target.max_context:
+        raise PromptTooLongError(
+            f"the prompt has {len(prompt_ids)} tokens; {target.name} has a context window of "
+            f"{target.max_context} tokens"
+        )
+    bad = [t for t in prompt_ids if not 0 <= t < target.vocab_size]
+    if bad:
+        raise InvalidArgumentError(f"prompt token id {bad[0]} is outside [0, {target.vocab_size})")
+    seq = SequenceState(
+        tokens=list(prompt_ids),
+        prompt_length=len(prompt_ids),
+        max_new_tokens=max_new_tokens,
+        params=params,
+        cache=target.new_cache(),
+        proposer=drafter.start() if drafter is not None else None,
+        generator=params.make_generator(),
+    )
+    seq.stats.prompt_tokens = len(prompt_ids)
+    if len(prompt_ids) > 1:
+        target.forward(seq.cache, prompt_ids[:-1], num_logits=1)
+    seq.stats.time_prefill = time.perf_counter() - seq.started_at
+    return seq
+
+
+def step(target: LanguageModel, seq: SequenceState, num_draft_tokens: int) -> StepEvent:
+    """One target pass for one sequence."""
+    stats = seq.stats
+    # 1. How many tokens to draft: never past max_new_tokens or the context window.
+    remaining = seq.max_new_tokens - len(seq.generated)
+    room = target.max_context - len(seq.tokens) - 1
+    k = max(0, min(num_draft_tokens, remaining - 1, room))
+    t0 = time.perf_counter()
+    draft = _NO_DRAFT
+    if seq.proposer is not None and k > 0:
+        draft = seq.proposer.propose(seq.tokens, k, params=seq.params, generator=seq.generator)
+    t1 = time.perf_counter()
+    # 2. Score the last token and the draft in one target pass.
+    logits = target.forward(seq.cache, [seq.tokens[-1], *draft.tokens])  # [k' + 1, vocab]
+    # 3. Verify.
+    if seq.params.greedy:
+        verdict = greedy_verify(draft.tokens, logits)
+    else:
+        p_target = warp(logits, seq.params)  # [k' + 1, vocab]
+        verdict = rejection_sample(draft.tokens, draft.probs, p_target, seq.generator)
+    # 4. Roll the target cache back to the context plus the accepted drafts.
+    seq.cache.crop(len(seq.tokens) + verdict.num_accepted)
+    t2 = time.perf_counter()
+    # 5. Emit, honouring EOS and the length limits exactly.
+    new = verdict.tokens(draft.tokens)
+    finish = None
+    for i, token in enumerate(new):
+        if token in target.eos_token_ids:
+            new, finish = new[: i + 1], "eos"
+            break
+    if finish is None and (
+        len(seq.generated) + len(new) >= seq.max_new_tokens
+        or len(seq.tokens) + len(new) >= target.max_context
+    ):
+        finish = "length"
+    new = new[:remaining]
+    seq.tokens.extend(new)
+    seq.finish_reason = finish
+    stats.record_pass(drafted=len(draft.tokens), accepted=verdict.num_accepted, emitted=len(new))
+    stats.time_draft += t1 - t0
+    stats.time_verify += t2 - t1
+    stats.time_total = time.perf_counter() - seq.started_at
+    if stats.target_passes == 1:
+        stats.time_to_first_token = stats.time_total
+    return StepEvent(
+        tokens=new,
+        from_draft=[i < verdict.num_accepted for i in range(len(new))],
+        num_drafted=len(draft.tokens),
+        num_accepted=verdict.num_accepted,
+        finish_reason=finish,
+    )
+
+
+def speculate(
+    target: LanguageModel,
+    drafter: Drafter | None,
+    prompt_ids: list[int],
+    *,
+    params: SamplingParams | None = None,
+    max_new_tokens: int = 256,
+    num_draft_tokens: int = 4,
+) -> Iterator[tuple[StepEvent, SequenceState]]:
+    """Generate from ``prompt_ids``, yielding one event per target pass.
+
+    ``drafter=None`` is plain decoding through the same loop and kernels.
+    Stops at EOS or ``max_new_tokens``; closing the generator early simply
+    drops the sequence (its caches belong to it alone).
+    """
+    params = params or SamplingParams()
+    check_generation_args(max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens)
+    # Validation and the prompt pass happen now, not at the first next().
+    seq = start_sequence(target, drafter, prompt_ids, params=params, max_new_tokens=max_new_tokens)
+    return _run(target, seq, num_draft_tokens)
+
+
+def _run(
+    target: LanguageModel, seq: SequenceState, num_draft_tokens: int
+) -> Iterator[tuple[StepEvent, SequenceState]]:
+    while seq.finish_reason is None:
+        yield step(target, seq, num_draft_tokens), seq

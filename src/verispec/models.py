@@ -1,0 +1,214 @@
+"""Model backends: load a causal LM and score several new positions against a KV cache.
+
+A model here is anything with the small :class:`LanguageModel` interface: it
+makes per-sequence caches and ``forward(cache, tokens)`` appends ``tokens`` to
+the cache and returns logits for (the last ``num_logits`` of) them. Rolling
+back is :meth:`ModelCache.crop`. The engine and the drafters use nothing else,
+so tests can plug in a tiny table model and the server can batch sequences.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from verispec.errors import (
+    IncompatibleTokenizersError,
+    ModelFormatError,
+    ModelNotFoundError,
+    VerispecError,
+)
+
+
+class ModelCache(Protocol):
+    """Per-sequence state of a model: the positions it has seen."""
+
+    @property
+    def length(self) -> int: ...
+
+    def crop(self, length: int) -> None:
+        """Forget every position from ``length`` on."""
+        ...
+
+
+class LanguageModel(Protocol):
+    """What the engine needs from a model."""
+
+    name: str
+    vocab_size: int  # width of the logits
+    max_context: int
+    eos_token_ids: frozenset[int]
+    tokenizer: Any  # a transformers tokenizer, or None for id-only models
+
+    def new_cache(self) -> ModelCache: ...
+
+    def forward(
+        self, cache: Any, tokens: list[int], *, num_logits: int | None = None
+    ) -> torch.Tensor:  # [num_logits or len(tokens), vocab] float32
+        ...
+
+
+@dataclass
+class HFCache:
+    """A transformers ``DynamicCache`` plus the number of positions it holds."""
+
+    kv: Any
+    length: int = 0
+
+    def crop(self, length: int) -> None:
+        if length < 0:
+            raise ValueError(f"cannot crop a cache to {length} positions")
+        if length < self.length:
+            self.kv.crop(length - self.length)  # transformers 5: a negative count drops positions
+            self.length = length
+
+
+@dataclass
+class HFModel:
+    """A Hugging Face transformers causal LM behind the :class:`LanguageModel` interface."""
+
+    hf: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    name: str
+    eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        self.hf.eval()
+        config = self.hf.config
+        self.vocab_size: int = int(self.hf.get_output_embeddings().weight.shape[0])
+        self.max_context: int = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self.device: torch.device = next(self.hf.parameters()).device
+
+    def new_cache(self) -> HFCache:
+        from transformers import DynamicCache
+
+        # Full (non-sliding) layers for every model, so that rolling back never needs a
+        # position a sliding-window layer already discarded.
+        return HFCache(kv=DynamicCache())
+
+    @torch.inference_mode()
+    def forward(
+        self, cache: HFCache, tokens: list[int], *, num_logits: int | None = None
+    ) -> torch.Tensor:  # [num_logits or len(tokens), vocab] float32 on CPU
+        if not tokens:
+            raise ValueError("forward() needs at least one token")
+        if cache.length + len(tokens) > self.max_context:
+            raise VerispecError(
+                f"{self.name}: {cache.length + len(tokens)} positions exceed the context "
+                f"window of {self.max_context}"
+            )
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, n]
+        out = self.hf(
+            input_ids=ids,
+            cache=cache.kv,
+            use_cache=True,
+            logits_to_keep=num_logits or 0,
+        )
+        cache.length += len(tokens)
+        return out.logits[0].float().cpu()  # [n, vocab]
+
+
+def _eos_ids(hf: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(hf, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, getattr(hf.config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    spec: str,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> HFModel:
+    """Load a model by preset name, local folder, GGUF file or hub id.
+
+    Presets and GGUF files are converted once into the cache folder (see
+    :mod:`verispec.presets`); later loads read safetensors and take seconds.
+    ``dtype`` defaults to float32 on CPU (bf16/fp16 matmuls are very slow on
+    CPUs) and bfloat16 on CUDA.
+    """
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from verispec import presets
+
+    source = presets.resolve_model_dir(
+        spec, cache_dir=Path(cache_dir) if cache_dir else None, progress=progress
+    )
+    device = device or default_device()
+    torch_dtype = _parse_dtype(dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as exc:  # transformers reports missing files / unknown hub ids as OSError
+        raise ModelNotFoundError(f"cannot load model {spec!r}: {exc}") from exc
+    except (ValueError, KeyError) as exc:
+        raise ModelFormatError(f"cannot load model {spec!r}: {exc}") from exc
+    hf.to(device)
+    name = os.path.basename(spec.rstrip("/")) or spec
+    return HFModel(hf=hf, tokenizer=tokenizer, name=name, eos_token_ids=_eos_ids(hf, tokenizer))
+
+
+def _parse_dtype(dtype: str | None, device: str) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in table:
+        from verispec.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {sorted(table)}")
+    return table[dtype]
+
+
+def check_tokenizers_compatible(target: Any, draft: Any) -> None:
+    """Refuse a draft whose tokenizer differs from the target's.
+
+    Draft tokens are fed to the target by id, so the two vocabularies must map
+    every id to the same string and agree on the special tokens.
+    """
+    if target is None or draft is None:
+        return
+    t_vocab, d_vocab = target.get_vocab(), draft.get_vocab()
+    if len(t_vocab) != len(d_vocab):
+        raise IncompatibleTokenizersError(
+            f"tokenizers differ: target vocabulary has {len(t_vocab)} tokens, "
+            f"draft has {len(d_vocab)}"
+        )
+    if t_vocab != d_vocab:
+        t_by_id = {i: s for s, i in t_vocab.items()}
+        d_by_id = {i: s for s, i in d_vocab.items()}
+        first = min(i for i in set(t_by_id) | set(d_by_id) if t_by_id.get(i) != d_by_id.get(i))
+        raise IncompatibleTokenizersError(
+            f"tokenizers differ: token id {first} is {t_by_id.get(first)!r} in the target "
+            f"but {d_by_id.get(first)!r} in the draft"
+        )
+    for attr in ("bos_token_id", "eos_token_id", "unk_token_id"):
+        t_id, d_id = getattr(target, attr, None), getattr(draft, attr, None)
+        if t_id != d_id and t_id is not None and d_id is not None:
+            raise IncompatibleTokenizersError(
+                f"tokenizers differ: {attr} is {t_id} in the target but {d_id} in the draft"
+            )
