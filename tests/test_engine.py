@@ -90,9 +90,9 @@ def test_draft_model_one_behind_after_full_accept(target) -> None:
 
 
 def test_crop_then_refeed_equals_fresh_prefill(target) -> None:
-    tokens = PROMPT + [7, 9, 11, 13]
+    tokens = [*PROMPT, 7, 9, 11, 13]
     cache = target.new_cache()
-    target.forward(cache, tokens + [1, 2, 3])
+    target.forward(cache, [*tokens, 1, 2, 3])
     cache.crop(len(tokens) - 2)
     refed = target.forward(cache, tokens[-2:])
     fresh = target.forward(target.new_cache(), tokens)

@@ -15,7 +15,7 @@ is again the one not yet fed.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -171,7 +171,7 @@ def speculate(
     params: SamplingParams | None = None,
     max_new_tokens: int = 256,
     num_draft_tokens: int = 4,
-) -> Iterator[tuple[StepEvent, SequenceState]]:
+) -> Generator[tuple[StepEvent, SequenceState], None, None]:
     """Generate from ``prompt_ids``, yielding one event per target pass.
 
     ``drafter=None`` is plain decoding through the same loop and kernels.
@@ -187,6 +187,6 @@ def speculate(
 
 def _run(
     target: LanguageModel, seq: SequenceState, num_draft_tokens: int
-) -> Iterator[tuple[StepEvent, SequenceState]]:
+) -> Generator[tuple[StepEvent, SequenceState], None, None]:
     while seq.finish_reason is None:
         yield step(target, seq, num_draft_tokens), seq

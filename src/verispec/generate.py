@@ -28,6 +28,7 @@ class TextEvent:
     """One target pass, as text."""
 
     text: str  # new text that is final (never retracted)
+    pieces: list[tuple[str, bool]]  # the same text split by origin: (text, from_draft)
     tokens: list[int]  # new token ids of this pass
     from_draft: list[bool]  # per token: drafted and accepted
     num_drafted: int
@@ -85,15 +86,37 @@ class _Detokenizer:
         self.stop = [s for s in stop if s]
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
+        self.from_draft: list[bool] = []  # per id
+        self.ends: list[int] = []  # per id: length of the decoded text up to and including it
         self.emitted = 0  # characters of text already handed out
 
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))  # type: ignore[attr-defined]
 
-    def feed(self, tokens: list[int], *, final: bool) -> tuple[str, bool, int]:
+    def pieces(self, start: int, end: int) -> list[tuple[str, bool]]:
+        """Split the final text ``[start, end)`` by the origin of the tokens that wrote it."""
+        out: list[tuple[str, bool]] = []
+        text = self._decode(self.ids)
+        begin = 0
+        for token_end, drafted in zip(self.ends, self.from_draft, strict=False):
+            lo, hi = max(begin, start), min(token_end, end)
+            if hi > lo:
+                if out and out[-1][1] == drafted:
+                    out[-1] = (out[-1][0] + text[lo:hi], drafted)
+                else:
+                    out.append((text[lo:hi], drafted))
+            begin = max(begin, token_end)
+        return out
+
+    def feed(
+        self, tokens: list[int], from_draft: list[bool], *, final: bool
+    ) -> tuple[str, bool, int]:
         """Add tokens; return (new final text, stop string hit, tokens to keep of this batch)."""
         start = len(self.ids)
-        self.ids.extend(tokens)
+        for token in tokens:
+            self.ids.append(token)
+            self.ends.append(len(self._decode(self.ids)))
+        self.from_draft.extend(from_draft)
         text = self._decode(self.ids)
         search_from = max(0, self.emitted - self.holdback)
         hits = [(text.find(s, search_from), s) for s in self.stop]
@@ -101,12 +124,12 @@ class _Detokenizer:
         if hits:
             cut, s = min(hits)
             # Keep the tokens up to the one that completes the earliest stop string.
-            keep = len(tokens)
-            for j in range(start + 1, len(self.ids) + 1):
-                if len(self._decode(self.ids[:j])) >= cut + len(s):
-                    keep = j - start
-                    break
-            del self.ids[start + keep :]
+            done = next(
+                (j for j in range(start, len(self.ids)) if self.ends[j] >= cut + len(s)),
+                len(self.ids) - 1,
+            )
+            keep = done + 1 - start
+            del self.ids[start + keep :], self.ends[start + keep :], self.from_draft[start + keep :]
             out = text[self.emitted : cut]
             self.emitted = cut
             return out, True, keep
@@ -155,9 +178,13 @@ class Generation:
         for event, seq in self._events:
             self.stats = seq.stats
             tokens, finish = event.tokens, event.finish_reason
-            text = ""
+            text, pieces = "", []
             if self._detok is not None:
-                text, hit, keep = self._detok.feed(tokens, final=finish is not None)
+                before = self._detok.emitted
+                text, hit, keep = self._detok.feed(
+                    tokens, event.from_draft, final=finish is not None
+                )
+                pieces = self._detok.pieces(before, self._detok.emitted)
                 if hit:
                     self.stats.new_tokens -= len(tokens) - keep
                     tokens, finish = tokens[:keep], "stop"
@@ -166,6 +193,7 @@ class Generation:
             self.finish_reason = finish
             yield TextEvent(
                 text=text,
+                pieces=pieces,
                 tokens=tokens,
                 from_draft=event.from_draft[: len(tokens)],
                 num_drafted=event.num_drafted,

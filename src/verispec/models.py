@@ -161,7 +161,7 @@ def load_model(
         raise ModelNotFoundError(f"cannot load model {spec!r}: {exc}") from exc
     except (ValueError, KeyError) as exc:
         raise ModelFormatError(f"cannot load model {spec!r}: {exc}") from exc
-    hf.to(device)
+    hf = hf.to(device)  # type: ignore[arg-type]
     name = os.path.basename(spec.rstrip("/")) or spec
     return HFModel(hf=hf, tokenizer=tokenizer, name=name, eos_token_ids=_eos_ids(hf, tokenizer))
 

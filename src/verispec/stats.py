@@ -50,7 +50,8 @@ class GenerationStats:
     def acceptance_by_position(self) -> list[float]:
         """P(draft token i accepted | it was drafted), per draft position."""
         return [
-            a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)
+            a / d if d else 0.0
+            for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=False)
         ]
 
     @property

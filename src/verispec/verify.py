@@ -58,7 +58,7 @@ def greedy_verify(
     """
     target_choice = target_logits.argmax(dim=-1).tolist()  # [k + 1]
     n = 0
-    for draft, choice in zip(draft_tokens, target_choice):
+    for draft, choice in zip(draft_tokens, target_choice, strict=False):
         if draft != choice:
             break
         n += 1
@@ -86,7 +86,7 @@ def residual_distribution(
     p_draft_row: torch.Tensor | None,  # [vocab], None = one-hot on draft_token
     draft_token: int,
 ) -> torch.Tensor:  # [vocab]
-    """Where a rejected position draws its replacement: ``max(0, p_target - p_draft)`` normalised."""
+    """The replacement distribution at a rejection: ``max(0, p_target - p_draft)`` normalised."""
     if p_draft_row is None:
         residual = p_target_row.clone()
         residual[draft_token] = 0.0

@@ -1,0 +1,203 @@
+"""The ``verispec`` command line.
+
+Every :class:`~verispec.errors.VerispecError` becomes one ``error: ...`` line
+on stderr and exit code 2; no tracebacks for problems a user can fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from verispec.errors import InvalidArgumentError, VerispecError
+
+DEFAULT_PROMPT = (
+    "Write a Python function `is_palindrome(s: str) -> bool` that ignores case and "
+    "non-alphanumeric characters. Include a docstring with two examples."
+)
+_GREEN, _YELLOW, _RESET = "\033[32m", "\033[33m", "\033[0m"
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from verispec import presets
+
+    parser = argparse.ArgumentParser(
+        prog="verispec", description="Lossless speculative decoding for open language models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for a prompt")
+    gen.add_argument(
+        "prompt", nargs="?", default=DEFAULT_PROMPT, help="the prompt (a default is provided)"
+    )
+    gen.add_argument(
+        "--target", default=presets.DEFAULT_TARGET, help="preset, local folder, GGUF file or hub id"
+    )
+    gen.add_argument(
+        "--draft", default=presets.DEFAULT_DRAFT, help="draft model for --drafter model"
+    )
+    gen.add_argument(
+        "--drafter",
+        choices=["model", "prompt-lookup", "none"],
+        default="model",
+        help="where draft tokens come from (none: plain decoding through the same loop)",
+    )
+    gen.add_argument("--num-draft-tokens", "-k", type=_int, default=5, help="draft length k")
+    gen.add_argument("--ngram", type=_int, default=3, help="longest n-gram for prompt lookup")
+    gen.add_argument("--temperature", type=_float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=_int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=_float, default=1.0, help="1 = off")
+    gen.add_argument("--seed", type=_int, default=None)
+    gen.add_argument("--max-new-tokens", type=_int, default=256)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="apply the model's chat template (default: on when the model has one)",
+    )
+    gen.add_argument("--show-draft", action="store_true", help="colour accepted draft tokens")
+    gen.add_argument(
+        "--json", action="store_true", help="print one JSON object with all statistics"
+    )
+    gen.add_argument(
+        "--cache-dir", default=None, help="where converted models live ($VERISPEC_CACHE)"
+    )
+    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    gen.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default)")
+
+    sub.add_parser("presets", help="list the bundled model presets")
+    return parser
+
+
+def _summary(stats: Any, drafter_name: str) -> str:
+    line = (
+        f"{stats.new_tokens} tokens in {stats.time_total:.1f} s, "
+        f"{stats.tokens_per_second:.2f} tokens/s | {drafter_name}"
+    )
+    if stats.drafted:
+        line += (
+            f" | acceptance {stats.acceptance_rate:.1%}"
+            f" | {stats.mean_accepted_length:.2f} tokens/pass"
+        )
+    line += (
+        f" | {stats.target_passes} target passes | time: draft {stats.time_draft:.1f} s, "
+        f"verify {stats.time_verify:.1f} s, prompt {stats.time_prefill:.1f} s, "
+        f"other {stats.time_overhead:.2f} s"
+    )
+    return line
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from verispec.drafters import DraftModelDrafter, PromptLookupDrafter
+    from verispec.generate import stream
+    from verispec.models import load_model
+
+    if not args.prompt.strip():
+        raise InvalidArgumentError("the prompt is empty")
+    # Check sampling and length arguments before spending time on model loading.
+    from verispec.engine import check_generation_args
+    from verispec.sampling import SamplingParams
+
+    SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    check_generation_args(
+        max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens
+    )
+    load = {"cache_dir": args.cache_dir, "device": args.device, "dtype": args.dtype}
+    progress = not args.json
+    target = load_model(args.target, progress=progress, **load)
+    drafter: Any = None
+    if args.drafter == "model":
+        drafter = DraftModelDrafter(
+            load_model(args.draft, progress=progress, **load), target=target
+        )
+    elif args.drafter == "prompt-lookup":
+        drafter = PromptLookupDrafter(max_ngram=args.ngram)
+    drafter_name = drafter.name if drafter is not None else "no drafter (plain decoding)"
+
+    generation = stream(
+        target,
+        drafter,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        chat=args.chat,
+        num_draft_tokens=args.num_draft_tokens,
+    )
+    color = args.show_draft and not args.json
+    for event in generation:
+        if args.json:
+            continue
+        if color:
+            for text, drafted in event.pieces:
+                sys.stdout.write(f"{_GREEN if drafted else _YELLOW}{text}{_RESET}")
+        else:
+            sys.stdout.write(event.text)
+        sys.stdout.flush()
+    result = generation.result()
+    if args.json:
+        payload = {
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "token_ids": result.token_ids,
+            "target": args.target,
+            "drafter": drafter_name,
+            "num_draft_tokens": args.num_draft_tokens,
+            "stats": result.stats.to_dict(),
+        }
+        print(json.dumps(payload, indent=2))
+    else:
+        sys.stdout.write("\n")
+        if color:
+            print(
+                f"[{_GREEN}drafted and accepted{_RESET} | {_YELLOW}written by the target{_RESET}]"
+            )
+        print(_summary(result.stats, drafter_name), file=sys.stderr)
+    return 0
+
+
+def _presets() -> int:
+    from verispec import presets
+
+    for name, preset in presets.PRESETS.items():
+        print(f"{name:22} {preset.description}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        return _presets()
+    except VerispecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
