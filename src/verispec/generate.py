@@ -77,7 +77,7 @@ def encode_prompt(
     return [int(i) for i in tokenizer.encode(prompt)]  # type: ignore[attr-defined]
 
 
-class _Detokenizer:
+class Detokenizer:
     """Turns a growing list of token ids into final text, holding back what a
     stop string or an incomplete UTF-8 character might still change."""
 
@@ -164,7 +164,7 @@ class Generation:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        self._detok = _Detokenizer(target.tokenizer, stop) if target.tokenizer is not None else None
+        self._detok = Detokenizer(target.tokenizer, stop) if target.tokenizer is not None else None
         self._events = speculate(
             target,
             drafter,
