@@ -28,11 +28,42 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _draft_length(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that loads models."""
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16", "int8"],
+        default=None,
+        help="target precision (default: fp32 on CPU, bf16 on CUDA); int8 changes the output",
+    )
+    parser.add_argument(
+        "--draft-precision",
+        choices=["fp32", "bf16", "fp16", "int8"],
+        default=None,
+        help="draft precision (default: int8 on CPU, bf16 on CUDA); never changes the output",
+    )
+    parser.add_argument(
+        "--kernels",
+        choices=["auto", "default", "onednn"],
+        default="auto",
+        help="CPU matmul kernels (auto: oneDNN prepacked fp32 where available)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="model",
         help="where draft tokens come from (none: plain decoding through the same loop)",
     )
-    gen.add_argument("--num-draft-tokens", "-k", type=_int, default=5, help="draft length k")
+    gen.add_argument(
+        "--num-draft-tokens",
+        "-k",
+        type=_draft_length,
+        default="auto",
+        help="draft length k, or auto: chosen per pass from measured costs and acceptance",
+    )
     gen.add_argument("--ngram", type=_int, default=3, help="longest n-gram for prompt lookup")
     gen.add_argument("--temperature", type=_float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=_int, default=0, help="0 = off")
@@ -81,9 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir", default=None, help="where converted models live ($VERISPEC_CACHE)"
     )
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    gen.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default)")
+    add_model_options(gen)
 
     sub.add_parser("presets", help="list the bundled model presets")
+
+    from verispec.bench.command import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="measure speedups on real prompt sets")
+    add_bench_arguments(bench)
+    add_model_options(bench)
     return parser
 
 
@@ -105,10 +148,26 @@ def _summary(stats: Any, drafter_name: str) -> str:
     return line
 
 
-def _generate(args: argparse.Namespace) -> int:
+def load_pair(args: argparse.Namespace, *, progress: bool) -> tuple[Any, Any]:
+    """Load the target and build the drafter the options ask for."""
     from verispec.drafters import DraftModelDrafter, PromptLookupDrafter
+    from verispec.models import default_device, load_model
+
+    device = args.device or default_device()
+    common = {"cache_dir": args.cache_dir, "device": device, "kernels": args.kernels}
+    target = load_model(args.target, precision=args.precision, progress=progress, **common)
+    drafter: Any = None
+    if args.drafter == "model":
+        draft_precision = args.draft_precision or ("int8" if device == "cpu" else None)
+        draft = load_model(args.draft, precision=draft_precision, progress=progress, **common)
+        drafter = DraftModelDrafter(draft, target=target)
+    elif args.drafter == "prompt-lookup":
+        drafter = PromptLookupDrafter(max_ngram=args.ngram)
+    return target, drafter
+
+
+def _generate(args: argparse.Namespace) -> int:
     from verispec.generate import stream
-    from verispec.models import load_model
 
     if not args.prompt.strip():
         raise InvalidArgumentError("the prompt is empty")
@@ -120,16 +179,8 @@ def _generate(args: argparse.Namespace) -> int:
     check_generation_args(
         max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens
     )
-    load = {"cache_dir": args.cache_dir, "device": args.device, "dtype": args.dtype}
     progress = not args.json
-    target = load_model(args.target, progress=progress, **load)
-    drafter: Any = None
-    if args.drafter == "model":
-        drafter = DraftModelDrafter(
-            load_model(args.draft, progress=progress, **load), target=target
-        )
-    elif args.drafter == "prompt-lookup":
-        drafter = PromptLookupDrafter(max_ngram=args.ngram)
+    target, drafter = load_pair(args, progress=progress)
     drafter_name = drafter.name if drafter is not None else "no drafter (plain decoding)"
 
     generation = stream(
@@ -164,6 +215,7 @@ def _generate(args: argparse.Namespace) -> int:
             "target": args.target,
             "drafter": drafter_name,
             "num_draft_tokens": args.num_draft_tokens,
+            "kernels": {"target": target.kernels, "draft": getattr(drafter, "kernels", None)},
             "stats": result.stats.to_dict(),
         }
         print(json.dumps(payload, indent=2))
@@ -190,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "bench":
+            from verispec.bench.command import run as run_bench
+
+            return run_bench(args)
         return _presets()
     except VerispecError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from verispec.costs import AdaptiveDraftLength, CostModel
 from verispec.drafters import Draft, Drafter, Proposer
 from verispec.errors import InvalidArgumentError, PromptTooLongError
 from verispec.models import LanguageModel, ModelCache
@@ -54,6 +55,7 @@ class SequenceState:
     proposer: Proposer | None
     generator: torch.Generator
     stats: GenerationStats = field(default_factory=GenerationStats)
+    policy: AdaptiveDraftLength | None = None  # chooses k per pass when drafting is adaptive
     finish_reason: str | None = None
     started_at: float = field(default_factory=time.perf_counter)
 
@@ -62,13 +64,20 @@ class SequenceState:
         return self.tokens[self.prompt_length :]
 
 
-def check_generation_args(*, max_new_tokens: int, num_draft_tokens: int) -> None:
+DraftLength = int | str  # a fixed k, or "auto" (cost model + running acceptance)
+
+
+def check_generation_args(*, max_new_tokens: int, num_draft_tokens: DraftLength) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
         raise InvalidArgumentError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_draft_tokens == "auto":
+        return
     if not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool):
-        raise InvalidArgumentError(f"num_draft_tokens must be an integer, got {num_draft_tokens!r}")
+        raise InvalidArgumentError(
+            f"num_draft_tokens must be an integer or 'auto', got {num_draft_tokens!r}"
+        )
     if not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
         raise InvalidArgumentError(
             f"num_draft_tokens must be between 1 and {MAX_DRAFT_TOKENS}, got {num_draft_tokens}"
@@ -170,23 +179,36 @@ def speculate(
     *,
     params: SamplingParams | None = None,
     max_new_tokens: int = 256,
-    num_draft_tokens: int = 4,
+    num_draft_tokens: DraftLength = 4,
+    costs: CostModel | None = None,
 ) -> Generator[tuple[StepEvent, SequenceState], None, None]:
     """Generate from ``prompt_ids``, yielding one event per target pass.
 
     ``drafter=None`` is plain decoding through the same loop and kernels.
+    ``num_draft_tokens="auto"`` picks k per pass from ``costs`` (required then)
+    and the sequence's running acceptance rate, drafting nothing where
+    speculation does not pay.
     Stops at EOS or ``max_new_tokens``; closing the generator early simply
     drops the sequence (its caches belong to it alone).
     """
     params = params or SamplingParams()
     check_generation_args(max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens)
     # Validation and the prompt pass happen now, not at the first next().
+    if num_draft_tokens == "auto" and costs is None and drafter is not None:
+        raise InvalidArgumentError("num_draft_tokens='auto' needs a cost model (costs=...)")
     seq = start_sequence(target, drafter, prompt_ids, params=params, max_new_tokens=max_new_tokens)
-    return _run(target, seq, num_draft_tokens)
+    if num_draft_tokens == "auto" and costs is not None:
+        seq.policy = AdaptiveDraftLength(costs)
+    fixed_k = num_draft_tokens if isinstance(num_draft_tokens, int) else 0
+    return _run(target, seq, fixed_k)
 
 
 def _run(
-    target: LanguageModel, seq: SequenceState, num_draft_tokens: int
+    target: LanguageModel, seq: SequenceState, fixed_k: int
 ) -> Generator[tuple[StepEvent, SequenceState], None, None]:
     while seq.finish_reason is None:
-        yield step(target, seq, num_draft_tokens), seq
+        k = seq.policy.choose() if seq.policy is not None else fixed_k
+        event = step(target, seq, k)
+        if seq.policy is not None:
+            seq.policy.observe(event.num_drafted, event.num_accepted)
+        yield event, seq

@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from verispec.drafters import Drafter
-from verispec.engine import check_generation_args, speculate
+from verispec.costs import CostModel, costs_for
+from verispec.drafters import Drafter, DraftModelDrafter
+from verispec.engine import DraftLength, check_generation_args, speculate
 from verispec.errors import InvalidArgumentError
 from verispec.models import LanguageModel
 from verispec.sampling import SamplingParams
@@ -157,7 +158,8 @@ class Generation:
         params: SamplingParams,
         max_new_tokens: int,
         stop: Sequence[str],
-        num_draft_tokens: int,
+        num_draft_tokens: DraftLength,
+        costs: CostModel | None,
     ) -> None:
         self.prompt_ids = prompt_ids
         self.text = ""
@@ -172,6 +174,7 @@ class Generation:
             params=params,
             max_new_tokens=max_new_tokens,
             num_draft_tokens=num_draft_tokens,
+            costs=costs,
         )
 
     def __iter__(self) -> Iterator[TextEvent]:
@@ -229,7 +232,8 @@ def stream(
     seed: int | None = None,
     stop: Sequence[str] = (),
     chat: bool | None = None,
-    num_draft_tokens: int = 4,
+    num_draft_tokens: DraftLength = 4,
+    costs: CostModel | None = None,
 ) -> Generation:
     """Start a generation; iterate the result for one :class:`TextEvent` per target pass.
 
@@ -245,6 +249,9 @@ def stream(
         prompt_ids = [int(t) for t in prompt]  # type: ignore[arg-type]
     else:
         prompt_ids = encode_prompt(target.tokenizer, prompt, chat=chat)  # type: ignore[arg-type]
+    if num_draft_tokens == "auto" and costs is None and drafter is not None:
+        draft_model = drafter.model if isinstance(drafter, DraftModelDrafter) else None
+        costs = costs_for(target, draft_model)
     return Generation(
         target,
         drafter,
@@ -253,6 +260,7 @@ def stream(
         max_new_tokens=max_new_tokens,
         stop=stop,
         num_draft_tokens=num_draft_tokens,
+        costs=costs,
     )
 
 
@@ -268,7 +276,8 @@ def generate(
     seed: int | None = None,
     stop: Sequence[str] = (),
     chat: bool | None = None,
-    num_draft_tokens: int = 4,
+    num_draft_tokens: DraftLength = 4,
+    costs: CostModel | None = None,
 ) -> GenerationResult:
     """Generate to completion: text, token ids and statistics. Arguments as :func:`stream`."""
     return stream(
@@ -283,4 +292,5 @@ def generate(
         stop=stop,
         chat=chat,
         num_draft_tokens=num_draft_tokens,
+        costs=costs,
     ).result()

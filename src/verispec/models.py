@@ -15,8 +15,10 @@ from typing import Any, Protocol
 
 import torch
 
+from verispec import kernels as kernels_module
 from verispec.errors import (
     IncompatibleTokenizersError,
+    InvalidArgumentError,
     ModelFormatError,
     ModelNotFoundError,
     VerispecError,
@@ -78,9 +80,10 @@ class HFModel:
     def __post_init__(self) -> None:
         self.hf.eval()
         config = self.hf.config
-        self.vocab_size: int = int(self.hf.get_output_embeddings().weight.shape[0])
+        self.vocab_size: int = int(self.hf.get_output_embeddings().out_features)
         self.max_context: int = int(getattr(config, "max_position_embeddings", 0) or 2048)
         self.device: torch.device = next(self.hf.parameters()).device
+        self.kernels: str = "default"  # what verispec.kernels.optimize applied
 
     def new_cache(self) -> HFCache:
         from transformers import DynamicCache
@@ -133,15 +136,17 @@ def load_model(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     device: str | None = None,
-    dtype: str | None = None,
+    precision: str | None = None,
+    kernels: str = "auto",
     progress: bool = True,
 ) -> HFModel:
     """Load a model by preset name, local folder, GGUF file or hub id.
 
     Presets and GGUF files are converted once into the cache folder (see
     :mod:`verispec.presets`); later loads read safetensors and take seconds.
-    ``dtype`` defaults to float32 on CPU (bf16/fp16 matmuls are very slow on
-    CPUs) and bfloat16 on CUDA.
+    ``precision`` defaults to fp32 on CPU (bf16/fp16 matmuls are very slow on
+    CPUs) and bf16 on CUDA; ``int8`` (CPU) quantizes the linear layers.
+    ``kernels`` picks the CPU matmul kernels (:mod:`verispec.kernels`).
     """
     from pathlib import Path
 
@@ -153,7 +158,13 @@ def load_model(
         spec, cache_dir=Path(cache_dir) if cache_dir else None, progress=progress
     )
     device = device or default_device()
-    torch_dtype = _parse_dtype(dtype, device)
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InvalidArgumentError(f"unknown device {device!r}; use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda was asked for but no CUDA GPU is available")
+    precision = precision or ("bf16" if device.startswith("cuda") else "fp32")
+    kernels_module.check_choice(kernels, precision)
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
@@ -162,26 +173,12 @@ def load_model(
     except (ValueError, KeyError) as exc:
         raise ModelFormatError(f"cannot load model {spec!r}: {exc}") from exc
     hf = hf.to(device)  # type: ignore[arg-type]
+    hf.eval()
+    applied = kernels_module.optimize(hf, device=device, kernels=kernels, precision=precision)
     name = os.path.basename(spec.rstrip("/")) or spec
-    return HFModel(hf=hf, tokenizer=tokenizer, name=name, eos_token_ids=_eos_ids(hf, tokenizer))
-
-
-def _parse_dtype(dtype: str | None, device: str) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in table:
-        from verispec.errors import InvalidArgumentError
-
-        raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {sorted(table)}")
-    return table[dtype]
+    model = HFModel(hf=hf, tokenizer=tokenizer, name=name, eos_token_ids=_eos_ids(hf, tokenizer))
+    model.kernels = applied
+    return model
 
 
 def check_tokenizers_compatible(target: Any, draft: Any) -> None:

@@ -1,0 +1,187 @@
+"""The cost model that decides the draft length.
+
+Glossary (DESIGN.md): alpha = probability a draft token is accepted, k = draft
+length, ``c_verify(k)`` = time of a target pass over k + 1 positions divided by
+a one-position pass, ``c_draft`` = one drafter step divided by one target step.
+
+    expected tokens per target pass  E(alpha, k) = (1 - alpha^(k+1)) / (1 - alpha)
+    speedup over plain decoding      S(alpha, k) = E(alpha, k) / (c_verify(k) + k * c_draft)
+
+:func:`measure_costs` times real forward passes on this machine;
+:class:`AdaptiveDraftLength` keeps a running alpha per sequence and picks the k
+that maximizes S, or 0 (no speculation) when no k beats plain decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from verispec.models import LanguageModel
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Measured relative costs. ``c_verify[k]`` for k = 0..k_max (``c_verify[0] == 1``)."""
+
+    c_verify: tuple[float, ...]
+    c_draft: float
+    target_step_seconds: float = 0.0
+
+    @property
+    def max_k(self) -> int:
+        return len(self.c_verify) - 1
+
+    def speedup(self, alpha: float, k: int) -> float:
+        return expected_tokens(alpha, k) / (self.c_verify[k] + k * self.c_draft)
+
+    def best_k(self, alpha: float, *, max_k: int | None = None) -> int:
+        """The draft length with the highest predicted speedup; 0 if none beats plain decoding."""
+        top = min(self.max_k, max_k if max_k is not None else self.max_k)
+        best, best_speedup = 0, 1.0
+        for k in range(1, top + 1):
+            s = self.speedup(alpha, k)
+            if s > best_speedup * 1.02:  # demand a margin: measurement noise must not pick k
+                best, best_speedup = k, s
+        return best
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Expected tokens per target pass with draft length k (k + 1 when alpha = 1)."""
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def _time_forward(model: LanguageModel, context: list[int], n_new: int, repeats: int) -> float:
+    cache = model.new_cache()
+    model.forward(cache, context, num_logits=1)
+    base = cache.length
+    new = [context[i % len(context)] for i in range(n_new)]
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        model.forward(cache, new)
+        times.append(time.perf_counter() - t0)
+        cache.crop(base)
+    return statistics.median(times[1:])  # the first call warms up
+
+
+def measure_costs(
+    target: LanguageModel,
+    draft: LanguageModel | None,
+    *,
+    max_k: int = 16,
+    context_length: int = 100,
+    repeats: int = 3,
+) -> CostModel:
+    """Time target passes of 1..max_k+1 positions (and one draft step) on a warm cache."""
+    context = [(i * 7919) % target.vocab_size for i in range(context_length)]
+    one = _time_forward(target, context, 1, repeats)
+    c_verify = [1.0]
+    for k in range(1, max_k + 1):
+        c_verify.append(_time_forward(target, context, k + 1, repeats) / one)
+    # Enforce monotonicity: scoring more positions never costs less (noise aside).
+    for k in range(1, len(c_verify)):
+        c_verify[k] = max(c_verify[k], c_verify[k - 1])
+    c_draft = _time_forward(draft, context, 1, repeats) / one if draft is not None else 0.0
+    return CostModel(c_verify=tuple(c_verify), c_draft=c_draft, target_step_seconds=one)
+
+
+def cached_costs(
+    key: str,
+    cache_dir: Path,
+    target: LanguageModel,
+    draft: LanguageModel | None,
+    *,
+    max_k: int = 16,
+) -> CostModel:
+    """:func:`measure_costs`, measured once per (machine, models, kernels) key and kept on disk."""
+    path = cache_dir / "costs" / f"{key}.json"
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            return CostModel(
+                c_verify=tuple(data["c_verify"]),
+                c_draft=float(data["c_draft"]),
+                target_step_seconds=float(data.get("target_step_seconds", 0.0)),
+            )
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged file is measured again
+    costs = measure_costs(target, draft, max_k=max_k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(costs), indent=2))
+    return costs
+
+
+@dataclass
+class AdaptiveDraftLength:
+    """Per-sequence draft-length policy: running acceptance estimate + cost model.
+
+    alpha is an exponential moving average of per-token acceptance (each
+    drafted token counts as one observation), started at a prior. When the
+    policy chooses k = 0 it still probes with a short draft every
+    ``probe_every`` passes, so that a drafter that starts to work again (a
+    copy-heavy stretch of text) is noticed.
+    """
+
+    costs: CostModel
+    alpha: float = 0.6  # prior before any observation
+    decay: float = 0.9  # weight of the past per observed draft token
+    probe_every: int = 8
+    max_k: int | None = None
+    _passes_without_draft: int = field(default=0, repr=False)
+
+    def choose(self) -> int:
+        k = self.costs.best_k(self.alpha, max_k=self.max_k)
+        if k == 0:
+            self._passes_without_draft += 1
+            if self._passes_without_draft >= self.probe_every:
+                self._passes_without_draft = 0
+                return 1
+        return k
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """Update alpha from one verification: ``accepted`` of ``drafted`` kept.
+
+        Positions after the first rejection were never tested, so only the
+        accepted ones and the first rejected one count as observations.
+        """
+        observed = min(drafted, accepted + 1)
+        for i in range(observed):
+            hit = 1.0 if i < accepted else 0.0
+            self.alpha = self.decay * self.alpha + (1 - self.decay) * hit
+
+
+def costs_for(
+    target: LanguageModel, draft: LanguageModel | None, *, cache_dir: Path | None = None
+) -> CostModel:
+    """The cost model of this target/draft pair on this machine, measured once and cached.
+
+    The key covers the models, their kernels, the thread count and torch's
+    version, so a change of any of them measures again.
+    """
+    import hashlib
+    import os
+    import platform
+
+    import torch
+
+    from verispec.presets import default_cache_dir
+
+    parts = [
+        target.name,
+        getattr(target, "kernels", ""),
+        draft.name if draft is not None else "-",
+        getattr(draft, "kernels", "") if draft is not None else "",
+        str(torch.get_num_threads()),
+        torch.__version__,
+        platform.processor() or platform.machine(),
+        str(os.cpu_count()),
+        str(getattr(target, "device", "cpu")),
+    ]
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return cached_costs(key, cache_dir or default_cache_dir(), target, draft)

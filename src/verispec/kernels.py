@@ -1,0 +1,105 @@
+"""CPU kernels that keep scoring k + 1 positions close to the cost of one.
+
+On a CPU, PyTorch's default fp32 ``F.linear`` is a fast matrix-vector product
+for one new token, but for 2-16 tokens it falls onto a GEMM path that can cost
+several times more (see shared FACTS.md). Speculative decoding lives on
+multi-token passes, so verispec swaps every ``nn.Linear`` of a model for one of:
+
+``onednn``
+    fp32 weights reordered once into oneDNN's blocked layout
+    (``torch.ops.mkldnn._reorder_linear_weight``) and run with
+    ``_linear_pointwise``: same math, logits within 1e-4 of the default path.
+``int8``
+    dynamic int8 quantization (``torch.ao.quantization.quantize_dynamic``):
+    int8 weights, fp32 activations. It changes the model's outputs, so it is
+    a precision the user chooses (e.g. for the draft model, where precision
+    only changes the acceptance rate, never the output).
+
+Plain and speculative decoding always run on the same kernels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from verispec.errors import InvalidArgumentError
+
+KERNELS = ("auto", "default", "onednn")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+
+
+class OneDNNLinear(nn.Module):
+    """``nn.Linear`` with its weight prepacked for oneDNN; same outputs, faster for M > 1."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach().float().contiguous()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features).contiguous()  # [M, in]
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+def onednn_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available())
+
+
+def use_onednn(model: nn.Module) -> int:
+    """Replace every fp32 ``nn.Linear`` in ``model`` by :class:`OneDNNLinear`; returns the count."""
+    count = 0
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32:
+            setattr(model, name, OneDNNLinear(child))
+            count += 1
+        else:
+            count += use_onednn(child)
+    return count
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantization of every ``nn.Linear`` (weights int8, activations fp32)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the torch.ao API is deprecated but works in torch 2.x
+        from torch.ao.quantization import quantize_dynamic
+
+        # The output head is tied to the input embedding in some models; quantizing it
+        # copies the weight, leaving the embedding untouched.
+        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def check_choice(kernels: str, precision: str) -> None:
+    if kernels not in KERNELS:
+        raise InvalidArgumentError(f"unknown kernels {kernels!r}; choose one of {list(KERNELS)}")
+    if precision not in PRECISIONS:
+        raise InvalidArgumentError(
+            f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}"
+        )
+
+
+def optimize(model: Any, *, device: str, kernels: str = "auto", precision: str = "fp32") -> str:
+    """Apply the chosen kernels / precision to a loaded HF model in place.
+
+    Returns a short description of what was applied (for statistics and logs).
+    """
+    check_choice(kernels, precision)
+    if precision == "int8":
+        if device != "cpu":
+            raise InvalidArgumentError("int8 precision is a CPU option; use bf16 on a GPU")
+        quantize_int8(model)
+        return "int8 dynamic quantization (fbgemm)"
+    if device != "cpu" or precision != "fp32":
+        return f"default {precision} kernels"
+    if kernels == "default" or not onednn_available():
+        return "default fp32 kernels"
+    n = use_onednn(model)
+    return f"oneDNN prepacked fp32 ({n} linear layers)"

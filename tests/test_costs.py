@@ -1,0 +1,87 @@
+"""The cost model and the adaptive draft length."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import TableModel, plain_greedy, tiny_llama
+
+from verispec.costs import AdaptiveDraftLength, CostModel, cached_costs, expected_tokens
+from verispec.drafters import DraftModelDrafter
+from verispec.generate import generate
+from verispec.verify import greedy_verify  # noqa: F401  (the policy never touches verification)
+
+FLAT = CostModel(c_verify=(1.0,) * 17, c_draft=0.05)  # verification as cheap as one step
+STEEP = CostModel(c_verify=tuple(1.0 + 0.5 * k for k in range(17)), c_draft=0.3)
+
+
+def test_expected_tokens_formula() -> None:
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_best_k_grows_with_alpha_and_is_zero_when_speculation_cannot_pay() -> None:
+    ks = [FLAT.best_k(a) for a in (0.3, 0.6, 0.8, 0.95)]
+    assert ks == sorted(ks) and ks[-1] > ks[0] >= 1
+    assert STEEP.best_k(0.2) == 0
+    assert STEEP.best_k(0.1) == 0
+    # With alpha = 0 no draft length beats plain decoding, whatever the costs.
+    assert FLAT.best_k(0.0) == 0
+
+
+def test_policy_learns_alpha_and_probes_when_off() -> None:
+    policy = AdaptiveDraftLength(STEEP, alpha=0.9)
+    k_high = policy.choose()
+    assert k_high >= 1
+    for _ in range(30):
+        policy.observe(drafted=4, accepted=0)
+    assert policy.alpha < 0.1
+    choices = [policy.choose() for _ in range(16)]
+    assert choices.count(0) >= 14 and 1 in choices  # mostly off, with periodic probes
+
+
+def test_observe_counts_only_tested_positions() -> None:
+    policy = AdaptiveDraftLength(FLAT, alpha=0.5, decay=0.5)
+    policy.observe(drafted=8, accepted=1)  # one hit then one miss; six positions untested
+    assert policy.alpha == pytest.approx(0.5 * (0.5 * 0.5 + 0.5) + 0.0)
+
+
+def test_auto_draft_length_is_lossless_and_backs_off_from_a_useless_drafter() -> None:
+    target, useless = TableModel(7, seed=3), TableModel(7, seed=99)
+    prompt = [1, 2, 3]
+    reference = plain_greedy(target, prompt, 60)
+    result = generate(
+        target,
+        DraftModelDrafter(useless, target=target),
+        prompt,
+        max_new_tokens=60,
+        num_draft_tokens="auto",
+        costs=STEEP,
+    )
+    assert result.token_ids == reference
+    # A fixed k = 4 drafter would draft 4 per pass; the policy mostly stops drafting.
+    assert result.stats.drafted < 0.5 * result.stats.target_passes
+
+
+def test_auto_with_a_perfect_drafter_drafts_long() -> None:
+    target = TableModel(7, seed=3)
+    result = generate(
+        target,
+        DraftModelDrafter(target, target=target),
+        [1, 2, 3],
+        max_new_tokens=60,
+        num_draft_tokens="auto",
+        costs=FLAT,
+    )
+    assert result.token_ids == plain_greedy(target, [1, 2, 3], 60)
+    assert result.stats.mean_accepted_length > 4
+
+
+def test_costs_are_measured_once_and_cached(tmp_path) -> None:
+    model = tiny_llama(seed=0)
+    first = cached_costs("tiny", tmp_path, model, model, max_k=3)
+    assert len(first.c_verify) == 4 and first.c_verify[0] == 1.0
+    assert all(b >= a for a, b in zip(first.c_verify, first.c_verify[1:], strict=False))
+    assert first.c_draft > 0
+    again = cached_costs("tiny", tmp_path, None, None, max_k=3)  # type: ignore[arg-type]
+    assert again == first
