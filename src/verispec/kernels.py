@@ -103,3 +103,44 @@ def optimize(model: Any, *, device: str, kernels: str = "auto", precision: str =
         return "default fp32 kernels"
     n = use_onednn(model)
     return f"oneDNN prepacked fp32 ({n} linear layers)"
+
+
+class TrimmedHead(nn.Module):
+    """An output head that scores only ``keep`` token ids; the rest get -inf.
+
+    For a draft model only: a draft restricted to a frequent sub-vocabulary is
+    still a valid proposal distribution (rejection sampling stays exact), and
+    its head costs ``len(keep) / vocab`` of the full one.
+    """
+
+    def __init__(self, head: nn.Linear, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features = head.out_features
+        self.register_buffer("keep", keep.to(torch.long), persistent=False)
+        self.sub = nn.Linear(head.in_features, len(keep), bias=head.bias is not None)
+        with torch.no_grad():
+            self.sub.weight.copy_(head.weight[keep])
+            if head.bias is not None:
+                self.sub.bias.copy_(head.bias[keep])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., vocab]
+        sub = self.sub(x)  # [..., keep]
+        out = sub.new_full((*sub.shape[:-1], self.out_features), float("-inf"))
+        return out.index_copy_(-1, self.keep, sub)
+
+
+def trim_vocabulary(model: Any, size: int, *, always_keep: set[int] | frozenset[int]) -> int:
+    """Give ``model`` (a draft) a head over its first ``size`` token ids plus ``always_keep``.
+
+    Byte-level BPE vocabularies are ordered by merge rank, so low ids are the
+    frequent tokens. Returns the number of ids kept.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise InvalidArgumentError("cannot trim the vocabulary of this model's output head")
+    if size < 1:
+        raise InvalidArgumentError(f"draft vocabulary size must be >= 1, got {size}")
+    vocab = head.out_features
+    ids = sorted(set(range(min(size, vocab))) | {i for i in always_keep if 0 <= i < vocab})
+    model.set_output_embeddings(TrimmedHead(head, torch.tensor(ids)))
+    return len(ids)

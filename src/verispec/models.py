@@ -138,6 +138,7 @@ def load_model(
     device: str | None = None,
     precision: str | None = None,
     kernels: str = "auto",
+    vocab_limit: int | None = None,
     progress: bool = True,
 ) -> HFModel:
     """Load a model by preset name, local folder, GGUF file or hub id.
@@ -147,6 +148,8 @@ def load_model(
     ``precision`` defaults to fp32 on CPU (bf16/fp16 matmuls are very slow on
     CPUs) and bf16 on CUDA; ``int8`` (CPU) quantizes the linear layers.
     ``kernels`` picks the CPU matmul kernels (:mod:`verispec.kernels`).
+    ``vocab_limit`` (draft models only) scores just the first N token ids plus
+    the special ones, which makes the output head N / vocab as costly.
     """
     from pathlib import Path
 
@@ -174,6 +177,10 @@ def load_model(
         raise ModelFormatError(f"cannot load model {spec!r}: {exc}") from exc
     hf = hf.to(device)  # type: ignore[arg-type]
     hf.eval()
+    if vocab_limit is not None:
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        special |= set(_eos_ids(hf, tokenizer))
+        kernels_module.trim_vocabulary(hf, vocab_limit, always_keep=frozenset(special))
     applied = kernels_module.optimize(hf, device=device, kernels=kernels, precision=precision)
     name = os.path.basename(spec.rstrip("/")) or spec
     model = HFModel(hf=hf, tokenizer=tokenizer, name=name, eos_token_ids=_eos_ids(hf, tokenizer))
