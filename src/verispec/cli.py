@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure speedups on real prompt sets")
     add_bench_arguments(bench)
     add_model_options(bench)
+
+    from verispec.server.command import add_arguments as add_serve_arguments
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible server with continuous batching")
+    add_serve_arguments(serve)
+    add_model_options(serve)
     return parser
 
 
@@ -246,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from verispec.bench.command import run as run_bench
 
             return run_bench(args)
+        if args.command == "serve":
+            from verispec.server.command import run as run_serve
+
+            return run_serve(args)
         return _presets()
     except VerispecError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,260 @@
+"""``verispec bench``: arguments, model loading, calibration, run, report.
+
+Examples::
+
+    verispec bench --quick --out /tmp/bench            # SmolLM2-135M, seconds
+    verispec bench --sets humaneval --num-prompts 10 --configs plain,draft-k4,lookup,hf-plain
+    verispec bench --temperature 0.7 --top-p 0.95 --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from verispec.errors import InvalidArgumentError, ModelNotFoundError
+
+QUICK_MODEL = "smollm2-135m"
+QUICK: dict[str, Any] = {
+    "target": QUICK_MODEL,
+    "draft": QUICK_MODEL,
+    "num_prompts": 2,
+    "max_new_tokens": 24,
+    "configs": "plain,draft-k4,lookup,hf-plain",
+}
+DEFAULTS: dict[str, Any] = {
+    "target": None,  # presets.DEFAULT_TARGET
+    "draft": None,  # presets.DEFAULT_DRAFT
+    "num_prompts": 10,
+    "max_new_tokens": 128,
+    "configs": None,  # all
+}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas, got {text!r}"
+        ) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from verispec import presets
+
+    parser.add_argument("--target", default=None, help=f"target model ({presets.DEFAULT_TARGET})")
+    parser.add_argument("--draft", default=None, help=f"draft model ({presets.DEFAULT_DRAFT})")
+    parser.add_argument("--sets", default="mtbench,humaneval,gsm8k", help="prompt sets")
+    parser.add_argument("--num-prompts", type=int, default=None, help="prompts per set (10)")
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated subset of plain, draft-k<K>, draft-auto, lookup, hf-plain, "
+        "hf-assisted, hf-lookup (default: all; plain always runs)",
+    )
+    parser.add_argument("--k", type=_ints, default=[4, 8], help="draft lengths for draft-k<K>")
+    parser.add_argument("--lookup-k", type=int, default=8, help="draft length of prompt lookup")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="per turn (128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=0, help="prompt subset and sampling seed")
+    parser.add_argument("--out", default="bench-out", help="output folder (bench-out/)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_MODEL} as target and draft, 2 prompts per set, 24 tokens, 4 configs",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--cache-dir", default=None, help="where converted models live")
+    parser.add_argument("--device", default=None, help="cpu or cuda")
+
+
+def _tiny_model(seed: int) -> Any:
+    """A tiny random Llama with a byte tokenizer and a chat template (--quick fallback)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from verispec.models import HFModel
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)} | {"<eos>": len(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+        eos_token_id=len(alphabet),
+    )
+    hf = LlamaForCausalLM(config).float()
+    eos = frozenset({len(alphabet)})
+    return HFModel(hf=hf, tokenizer=tokenizer, name=f"tiny-random-{seed}", eos_token_ids=eos)
+
+
+def _load(spec: str, args: argparse.Namespace, *, role: str) -> Any:
+    """Load a model with the shared model options (``--precision``, ``--draft-precision``,
+    ``--kernels``) as ``verispec generate`` does: the draft defaults to int8 on a CPU."""
+    from verispec.models import default_device, load_model
+
+    device = args.device or default_device()
+    precision = getattr(args, "precision", None)
+    if role == "draft":
+        precision = getattr(args, "draft_precision", None) or ("int8" if device == "cpu" else None)
+    try:
+        return load_model(
+            spec,
+            cache_dir=args.cache_dir,
+            device=device,
+            precision=precision,
+            kernels=getattr(args, "kernels", "auto"),
+            progress=True,
+        )
+    except ModelNotFoundError as exc:
+        if not args.quick:
+            raise
+        print(
+            f"note: {spec} is not installed ({exc}); --quick falls back to a tiny random "
+            "model (speed figures only)",
+            file=sys.stderr,
+        )
+        return _tiny_model(0 if role == "target" else 1)
+
+
+def calibrate(target: Any, draft: Any, max_k: int) -> dict[str, Any] | None:
+    """c_verify(0..max_k) and c_draft on this machine (:func:`verispec.costs.measure_costs`)."""
+    from verispec.costs import measure_costs
+
+    if max_k < 1:
+        return None
+    costs = measure_costs(target, draft, max_k=max_k)
+    return {
+        "c_verify": list(costs.c_verify),
+        "c_draft": costs.c_draft,
+        "target_step_seconds": costs.target_step_seconds,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from verispec import presets
+    from verispec.bench.datasets import load_prompts, parse_sets
+    from verispec.bench.plots import write_plots
+    from verispec.bench.report import machine_info, summarize, write_results
+    from verispec.bench.runner import parse_configs, run_bench
+    from verispec.sampling import SamplingParams
+
+    started = time.perf_counter()
+    base = QUICK if args.quick else DEFAULTS
+    pick = {
+        key: getattr(args, key) if getattr(args, key) is not None else base[key] for key in base
+    }
+    target_spec = pick["target"] or presets.DEFAULT_TARGET
+    draft_spec = pick["draft"] or presets.DEFAULT_DRAFT
+    # Check every argument before loading anything.
+    if pick["max_new_tokens"] < 1:
+        raise InvalidArgumentError(f"--max-new-tokens must be >= 1, got {pick['max_new_tokens']}")
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    configs = parse_configs(pick["configs"], ks=args.k, lookup_k=args.lookup_k)
+    sets = parse_sets(args.sets)
+    prompts = load_prompts(sets, num_prompts=pick["num_prompts"], seed=args.seed)
+
+    target = _load(target_spec, args, role="target")
+    needs_draft = any(c.drafter == "model" for c in configs)
+    draft = _load(draft_spec, args, role="draft") if needs_draft else None
+    fixed_ks = [int(c.k) for c in configs if c.engine == "verispec" and isinstance(c.k, int)]
+    print(f"calibrating costs (k up to {max(fixed_ks, default=0)}) ...", file=sys.stderr)
+    costs = calibrate(target, draft, max(fixed_ks, default=0))
+
+    bench = run_bench(
+        target,
+        draft,
+        prompts,
+        configs,
+        max_new_tokens=pick["max_new_tokens"],
+        params=params,
+        progress=not args.no_progress,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    summary = summarize(bench, costs)
+    setup = {
+        "target": target.name,
+        "draft": draft.name if draft is not None else None,
+        "target_kernels": getattr(target, "kernels", None),
+        "draft_kernels": getattr(draft, "kernels", None),
+        "sets": sets,
+        "num_prompts_per_set": pick["num_prompts"],
+        "num_units": len({(r.prompt_id, r.turn) for r in bench.records}),
+        "max_new_tokens": pick["max_new_tokens"],
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "lookup_k": args.lookup_k,
+        "quick": args.quick,
+        "prompts": [p.__dict__ for p in prompts],
+        "machine": machine_info(),
+        "wall_time": time.perf_counter() - started,
+    }
+    out = Path(args.out)
+    paths = write_results(out, bench, summary, setup, costs)
+    try:
+        write_plots(out, bench.configs, summary)
+    except ImportError:
+        print(
+            "note: matplotlib is not installed; no plots (pip install 'verispec[bench]')",
+            file=sys.stderr,
+        )
+    print(paths["md"].read_text(encoding="utf-8"))
+    print(
+        f"wrote {out}/ (results.json, results.md, plots); {time.perf_counter() - started:.0f} s",
+        file=sys.stderr,
+    )
+    bad = [m for m in summary["mismatches"] if m["engine"] == "verispec"]
+    if bad:
+        print(
+            f"\n!!! GREEDY MISMATCH: {len(bad)} verispec runs differ from plain greedy decoding. "
+            "verispec must be lossless: this is a bug. !!!",
+            file=sys.stderr,
+        )
+        for m in bad:
+            print(
+                f"!!!   {m['config']} {m['prompt_id']} turn {m['turn']}: first differing "
+                f"token at {m['first_mismatch']}",
+                file=sys.stderr,
+            )
+        return 1
+    if params.greedy:
+        engines = {c.name: c.engine for c in bench.configs}
+        ours = [r for r in bench.records if r.config != "plain" and engines[r.config] == "verispec"]
+        print(
+            f"greedy check: {len(ours)} verispec outputs equal plain greedy, token for token",
+            file=sys.stderr,
+        )
+    peers = [m for m in summary["mismatches"] if m["engine"] != "verispec"]
+    if peers:
+        print(
+            f"note: {len(peers)} transformers peer runs differ from verispec plain greedy "
+            "(a different code path, e.g. a whole-prompt first pass; see results.json)",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,313 @@
+"""Summaries of a benchmark run: results.json (raw records + summary + machine), results.md.
+
+Figures per configuration and per group of prompts ("all", each set, each
+MT-bench category):
+
+- tokens/s: new tokens / wall time, prompt pass included; median over runs
+  (robust to a burst of load on a shared machine; the aggregate is in results.json);
+- speedup: per prompt, tokens/s over the plain configuration's on the same
+  prompt; median and min..max over prompts;
+- acceptance rate (accepted / drafted), tokens per target pass, acceptance by
+  draft position (P(draft token i kept | i tokens were drafted));
+- time to first token (median); per-token latency p50 / p95 (each pass's
+  latency divided by its tokens, pooled over runs, first pass excluded);
+- time split: target prompt pass / drafting (the draft model's own prompt pass
+  included) / target passes and verification / other;
+- predicted speedup E(alpha, k) / (c_verify(k) + k c_draft), with c_verify and
+  c_draft measured at the start of the run and alpha solved from the observed
+  accepted drafts per drafting pass, sum_{i=1..k} alpha^i.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from verispec.bench.runner import BenchConfig, BenchRun, RunRecord
+from verispec.costs import expected_tokens
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    import verispec
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "verispec": verispec.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv,
+    }
+
+
+def solve_alpha(accepted_per_pass: float, k: int) -> float:
+    """alpha with sum_{i=1..k} alpha^i = ``accepted_per_pass`` (bisection; 1 when >= k)."""
+    if accepted_per_pass >= k:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(mid**i for i in range(1, k + 1)) < accepted_per_pass:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def _sum(values: Sequence[float | int | None]) -> float | None:
+    return (
+        None if any(v is None for v in values) else float(sum(v for v in values if v is not None))
+    )
+
+
+def _position_rates(runs: Sequence[RunRecord]) -> list[float]:
+    width = max((len(r.drafted_by_position) for r in runs), default=0)
+    drafted, accepted = [0] * width, [0] * width
+    for r in runs:
+        for i, (d, a) in enumerate(zip(r.drafted_by_position, r.accepted_by_position, strict=True)):
+            drafted[i] += d
+            accepted[i] += a
+    return [a / d if d else 0.0 for a, d in zip(accepted, drafted, strict=True)]
+
+
+def _group_stats(
+    config: BenchConfig,
+    runs: Sequence[RunRecord],
+    plain: dict[tuple[str, int], RunRecord],
+    costs: dict[str, Any] | None,
+) -> dict[str, Any]:
+    total_time = sum(r.time_total for r in runs)
+    new_tokens = sum(r.new_tokens for r in runs)
+    passes = sum(len(r.pass_ends) for r in runs)
+    speedups = [
+        r.tokens_per_second / plain[(r.prompt_id, r.turn)].tokens_per_second
+        for r in runs
+        if plain[(r.prompt_id, r.turn)].tokens_per_second > 0
+    ]
+    latencies = [t for r in runs for t in r.token_latencies()]
+    drafted, accepted = _sum([r.drafted for r in runs]), _sum([r.accepted for r in runs])
+    split = {
+        part: _sum([getattr(r, f"time_{part}") for r in runs])
+        for part in ("prefill", "draft", "verify", "overhead")
+    }
+    stats: dict[str, Any] = {
+        "runs": len(runs),
+        "new_tokens": new_tokens,
+        "time_total": total_time,
+        "tokens_per_second": statistics.median(r.tokens_per_second for r in runs),
+        "tokens_per_second_aggregate": new_tokens / total_time if total_time > 0 else 0.0,
+        "speedup_median": statistics.median(speedups) if speedups else None,
+        "speedup_min": min(speedups, default=None),
+        "speedup_max": max(speedups, default=None),
+        "tokens_per_pass": new_tokens / passes if passes else None,
+        "acceptance_rate": accepted / drafted if drafted and accepted is not None else None,
+        "acceptance_by_position": _position_rates(runs),
+        "time_to_first_token_median": statistics.median(r.time_to_first_token for r in runs),
+        "latency_p50_ms": float(np.percentile(latencies, 50)) * 1e3 if latencies else None,
+        "latency_p95_ms": float(np.percentile(latencies, 95)) * 1e3 if latencies else None,
+        "time_split": split if split["verify"] is not None else None,
+        "mismatches": sum(1 for r in runs if r.matches_plain is False),
+        "alpha": None,
+        "predicted_speedup": None,
+    }
+    k = config.k if isinstance(config.k, int) else 0
+    drafting_passes = sum(r.drafted_by_position[0] for r in runs if r.drafted_by_position)
+    if costs and config.engine == "verispec" and k and drafting_passes and accepted is not None:
+        c_verify = costs["c_verify"]
+        if k < len(c_verify):
+            alpha = solve_alpha(accepted / drafting_passes, k)
+            c_draft = costs["c_draft"] if config.drafter == "model" else 0.0
+            stats["alpha"] = alpha
+            stats["predicted_speedup"] = expected_tokens(alpha, k) / (c_verify[k] + k * c_draft)
+    return stats
+
+
+def groups_of(records: Sequence[RunRecord]) -> list[str]:
+    """Group names: all, then each set, then each category that is not a set of its own."""
+    sets = list(dict.fromkeys(r.set_name for r in records))
+    categories = [c for c in dict.fromkeys(r.category for r in records) if c not in sets]
+    return ["all", *sets, *categories]
+
+
+def _in_group(record: RunRecord, group: str) -> bool:
+    return group in ("all", record.set_name, record.category)
+
+
+def summarize(run: BenchRun, costs: dict[str, Any] | None) -> dict[str, Any]:
+    plain = {(r.prompt_id, r.turn): r for r in run.records if r.config == "plain"}
+    groups = groups_of(run.records)
+    by_config: dict[str, dict[str, Any]] = {}
+    for config in run.configs:
+        runs = [r for r in run.records if r.config == config.name]
+        by_config[config.name] = {
+            g: _group_stats(config, [r for r in runs if _in_group(r, g)], plain, costs)
+            for g in groups
+        }
+    engines = {c.name: c.engine for c in run.configs}
+    mismatches = [
+        {
+            "config": r.config,
+            "prompt_id": r.prompt_id,
+            "turn": r.turn,
+            "first_mismatch": r.first_mismatch,
+            "engine": engines[r.config],
+        }
+        for r in run.records
+        if r.matches_plain is False
+    ]
+    return {"groups": groups, "configs": by_config, "mismatches": mismatches}
+
+
+def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown(
+    run: BenchRun, summary: dict[str, Any], setup: dict[str, Any], costs: dict[str, Any] | None
+) -> str:
+    """results.md: tables ready to paste into a README."""
+    mode = (
+        "greedy"
+        if setup["temperature"] == 0
+        else (f"sampled (T={setup['temperature']}, top-p={setup['top_p']}, top-k={setup['top_k']})")
+    )
+    machine = setup["machine"]
+    lines = [
+        f"**{setup['target']}** (target, {setup.get('target_kernels') or 'default kernels'}) "
+        f"with **{setup['draft'] or '–'}** (draft, {setup.get('draft_kernels') or '–'}), {mode}, "
+        f"at most {setup['max_new_tokens']} new tokens, {setup['num_units']} prompt turns "
+        f"({', '.join(setup['sets'])}); {machine['cpu']}, {machine['torch_threads']} threads, "
+        f"torch {machine['torch']}, {machine['date'][:10]}.",
+        "",
+    ]
+    bad = [m for m in summary["mismatches"] if m["engine"] == "verispec"]
+    if bad:
+        lines += [
+            f"**GREEDY MISMATCH in {len(bad)} verispec runs (a bug):** "
+            + ", ".join(f"{m['config']} {m['prompt_id']} turn {m['turn']}" for m in bad),
+            "",
+        ]
+    lines += [
+        "| config | tokens/s (median) | speedup median (min–max) | predicted | acceptance "
+        "| tokens/pass | TTFT s | ms/token p50 / p95 | prompt / draft / verify / other "
+        "| greedy = plain |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for config in run.configs:
+        s = summary["configs"][config.name]["all"]
+        split = s["time_split"]
+        if split:
+            total = sum(split.values()) or 1.0
+            parts = [split[p] / total for p in ("prefill", "draft", "verify", "overhead")]
+            split_text = " / ".join(f"{p:.0%}" for p in parts)
+        else:
+            split_text = "–"
+        check = (
+            "–"
+            if setup["temperature"] != 0
+            else ("yes" if not s["mismatches"] else f"**NO ({s['mismatches']})**")
+        )
+        lines.append(
+            f"| {config.name} | {s['tokens_per_second']:.2f} "
+            f"| {_fmt(s['speedup_median'], '.2f', 'x')} "
+            f"({_fmt(s['speedup_min'])}–{_fmt(s['speedup_max'])}) "
+            f"| {_fmt(s['predicted_speedup'], '.2f', 'x')} | {_fmt(s['acceptance_rate'], '.0%')} "
+            f"| {_fmt(s['tokens_per_pass'])} | {s['time_to_first_token_median']:.2f} "
+            f"| {_fmt(s['latency_p50_ms'], '.0f')} / {_fmt(s['latency_p95_ms'], '.0f')} "
+            f"| {split_text} | {check} |"
+        )
+    others = [c.name for c in run.configs if c.name != "plain"]
+    lines += [
+        "",
+        "Median speedup over plain by category:",
+        "",
+        "| category | plain tokens/s (median) | " + " | ".join(others) + " |",
+        "|---|---:|" + "---:|" * len(others),
+    ]
+    for group in summary["groups"]:
+        plain_tps = summary["configs"]["plain"][group]["tokens_per_second"]
+        cells = [_fmt(summary["configs"][c][group]["speedup_median"], ".2f", "x") for c in others]
+        lines.append(f"| {group} | {plain_tps:.2f} | " + " | ".join(cells) + " |")
+    drafting = [c.name for c in run.configs if c.engine == "verispec" and c.speculative]
+    width = max(
+        (len(summary["configs"][c]["all"]["acceptance_by_position"]) for c in drafting), default=0
+    )
+    if width:
+        lines += [
+            "",
+            "Acceptance by draft position (all prompts):",
+            "",
+            "| config | " + " | ".join(str(i + 1) for i in range(width)) + " |",
+            "|---|" + "---:|" * width,
+        ]
+        for c in drafting:
+            rates = summary["configs"][c]["all"]["acceptance_by_position"]
+            cells = [f"{r:.0%}" for r in rates] + [""] * (width - len(rates))
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    if costs:
+        cv = ", ".join(f"{k}: {v:.2f}" for k, v in enumerate(costs["c_verify"]) if k)
+        lines += [
+            "",
+            f"Measured costs: target step {costs['target_step_seconds'] * 1e3:.0f} ms, "
+            f"c_draft {costs['c_draft']:.2f}, c_verify(k) {cv}.",
+        ]
+    for note in run.notes:
+        lines += ["", f"Note: {note}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    out: Path,
+    run: BenchRun,
+    summary: dict[str, Any],
+    setup: dict[str, Any],
+    costs: dict[str, Any] | None,
+) -> dict[str, Path]:
+    """Write results.json and results.md into ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for r in run.records:
+        row = dict(r.__dict__)
+        row.update(
+            new_tokens=r.new_tokens,
+            tokens_per_second=r.tokens_per_second,
+            time_to_first_token=r.time_to_first_token,
+        )
+        records.append(row)
+    payload = {
+        "setup": setup,
+        "configs": [c.__dict__ for c in run.configs],
+        "costs": costs,
+        "notes": run.notes,
+        "summary": summary,
+        "records": records,
+    }
+    paths = {"json": out / "results.json", "md": out / "results.md"}
+    paths["json"].write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    paths["md"].write_text(markdown(run, summary, setup, costs), encoding="utf-8")
+    return paths

@@ -1,0 +1,338 @@
+"""Run every configuration on every prompt, interleaved, and record each run.
+
+Measurement protocol:
+
+1. Each configuration is warmed up once (a short generation on the first prompt).
+2. Prompts are run one at a time; for each prompt every configuration runs,
+   in an order rotated by one per prompt, so that machine drift (other load,
+   heat, frequency) hits all configurations alike.
+3. A multi-turn prompt (MT-bench) asks its second turn after the model's own
+   first-turn answer: the plain configuration's greedy answer, reused for every
+   configuration, so that all of them see identical token ids.
+4. Under greedy decoding every output is compared token for token with the
+   plain configuration's output on the same prompt; a difference in a verispec
+   configuration is a bug (verispec is lossless), and is reported as such.
+
+The harness uses only the public API (:func:`verispec.stream`, the drafters,
+and ``model.hf`` for the transformers peers), so faster kernels or a better
+draft-length policy show up here without changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from verispec.bench.datasets import BenchPrompt
+from verispec.bench.peers import hf_generate
+from verispec.drafters import DraftModelDrafter, PromptLookupDrafter
+from verispec.errors import InvalidArgumentError
+from verispec.generate import encode_prompt, stream
+from verispec.models import LanguageModel
+from verispec.sampling import SamplingParams
+
+WARMUP_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One way of decoding: verispec with a drafter, or a transformers peer."""
+
+    name: str  # "plain", "draft-k4", "draft-auto", "lookup", "hf-plain", "hf-assisted", ...
+    engine: str  # "verispec" or "transformers"
+    drafter: str  # "none", "model" or "lookup"
+    k: int | str = 0  # draft length: an integer, "auto", or 0 (no drafter / peer default)
+
+    @property
+    def speculative(self) -> bool:
+        return self.drafter != "none"
+
+
+def parse_configs(text: str | None, *, ks: Sequence[int], lookup_k: int) -> list[BenchConfig]:
+    """Configurations named in ``text`` (comma-separated; None = all), ``plain`` always first.
+
+    ``draft-k{K}`` may name any K; the default list has one per entry of ``ks``.
+    """
+    for k in [*ks, lookup_k]:
+        if not 1 <= k <= 64:
+            raise InvalidArgumentError(f"draft lengths must be between 1 and 64, got {k}")
+    default = ["plain", *(f"draft-k{k}" for k in ks), "draft-auto", "lookup"]
+    default += ["hf-plain", "hf-assisted", "hf-lookup"]
+    names = default if text is None else [s.strip() for s in text.split(",") if s.strip()]
+    configs: list[BenchConfig] = []
+    for name in dict.fromkeys(["plain", *names]):
+        if name == "plain":
+            configs.append(BenchConfig(name, "verispec", "none"))
+        elif name.startswith("draft-k") and name[7:].isdigit() and 1 <= int(name[7:]) <= 64:
+            configs.append(BenchConfig(name, "verispec", "model", int(name[7:])))
+        elif name == "draft-auto":
+            configs.append(BenchConfig(name, "verispec", "model", "auto"))
+        elif name == "lookup":
+            configs.append(BenchConfig(name, "verispec", "lookup", lookup_k))
+        elif name == "hf-plain":
+            configs.append(BenchConfig(name, "transformers", "none"))
+        elif name == "hf-assisted":
+            configs.append(BenchConfig(name, "transformers", "model"))
+        elif name == "hf-lookup":
+            configs.append(BenchConfig(name, "transformers", "lookup", lookup_k))
+        else:
+            raise InvalidArgumentError(
+                f"unknown configuration {name!r}; choose from plain, draft-k<K> (K in 1..64), "
+                "draft-auto, lookup, hf-plain, hf-assisted, hf-lookup"
+            )
+    return configs
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One generation: one configuration on one turn of one prompt."""
+
+    config: str
+    set_name: str
+    prompt_id: str
+    category: str
+    turn: int  # 1-based
+    seed: int | None
+    prompt_tokens: int
+    token_ids: tuple[int, ...]
+    time_total: float  # wall seconds, prompt pass included
+    pass_ends: tuple[float, ...]  # seconds from the start to the end of each target pass
+    pass_tokens: tuple[int, ...]  # tokens emitted by each target pass
+    drafted: int | None = None  # None where not known (transformers peers)
+    accepted: int | None = None
+    drafted_by_position: tuple[int, ...] = ()
+    accepted_by_position: tuple[int, ...] = ()
+    time_prefill: float | None = None
+    time_draft: float | None = None
+    time_verify: float | None = None
+    time_overhead: float | None = None
+    matches_plain: bool | None = None  # greedy only
+    first_mismatch: int | None = None  # index of the first differing token
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.time_total if self.time_total > 0 else 0.0
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.pass_ends[0] if self.pass_ends else self.time_total
+
+    def token_latencies(self) -> list[float]:
+        """Seconds per token after the first pass: each pass's latency / its tokens, per token."""
+        out: list[float] = []
+        for i in range(1, len(self.pass_ends)):
+            n = self.pass_tokens[i]
+            if n:
+                out.extend([(self.pass_ends[i] - self.pass_ends[i - 1]) / n] * n)
+        return out
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    records: list[RunRecord]
+    configs: list[BenchConfig]  # the ones that ran
+    notes: list[str]  # configurations skipped and why
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One turn of one prompt, as the token ids every configuration is given."""
+
+    prompt: BenchPrompt
+    turn: int
+    prompt_ids: list[int]
+    seed: int | None
+
+
+class Runner:
+    """Runs configurations on units; holds the models and the drafters built from them."""
+
+    def __init__(
+        self,
+        target: LanguageModel,
+        draft: LanguageModel | None,
+        *,
+        max_new_tokens: int,
+        params: SamplingParams,
+    ) -> None:
+        self.target = target
+        self.draft = draft
+        self.max_new_tokens = max_new_tokens
+        self.params = params
+        self._drafter = DraftModelDrafter(draft, target=target) if draft is not None else None
+
+    def _drafter_for(self, config: BenchConfig) -> Any:
+        if config.drafter == "lookup":
+            return PromptLookupDrafter()
+        if config.drafter == "model":
+            if self._drafter is None:
+                raise InvalidArgumentError(f"configuration {config.name} needs a draft model")
+            return self._drafter
+        return None
+
+    def run(self, config: BenchConfig, unit: _Unit, *, max_new_tokens: int) -> RunRecord:
+        params = dataclasses.replace(self.params, seed=unit.seed)
+        common: dict[str, Any] = {
+            "config": config.name,
+            "set_name": unit.prompt.set_name,
+            "prompt_id": unit.prompt.prompt_id,
+            "category": unit.prompt.category,
+            "turn": unit.turn,
+            "seed": unit.seed,
+            "prompt_tokens": len(unit.prompt_ids),
+        }
+        if config.engine == "transformers":
+            peer = hf_generate(
+                self.target,
+                unit.prompt_ids,
+                max_new_tokens=max_new_tokens,
+                params=params,
+                assistant=self.draft if config.drafter == "model" else None,
+                prompt_lookup_num_tokens=int(config.k) if config.drafter == "lookup" else None,
+            )
+            return RunRecord(
+                **common,
+                token_ids=tuple(peer.token_ids),
+                time_total=peer.time_total,
+                pass_ends=tuple(peer.pass_ends),
+                pass_tokens=tuple(peer.pass_tokens),
+            )
+        start = time.perf_counter()
+        generation = stream(
+            self.target,
+            self._drafter_for(config),
+            list(unit.prompt_ids),
+            max_new_tokens=max_new_tokens,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=params.seed,
+            num_draft_tokens=config.k if config.speculative else 1,
+        )
+        ends: list[float] = []
+        counts: list[int] = []
+        for event in generation:
+            ends.append(time.perf_counter() - start)
+            counts.append(len(event.tokens))
+        total = time.perf_counter() - start
+        stats = generation.stats
+        return RunRecord(
+            **common,
+            token_ids=tuple(generation.token_ids),
+            time_total=total,
+            pass_ends=tuple(ends),
+            pass_tokens=tuple(counts),
+            drafted=stats.drafted,
+            accepted=stats.accepted,
+            drafted_by_position=tuple(stats.drafted_by_position),
+            accepted_by_position=tuple(stats.accepted_by_position),
+            time_prefill=stats.time_prefill,
+            time_draft=stats.time_draft,
+            time_verify=stats.time_verify,
+            time_overhead=max(
+                0.0, total - stats.time_prefill - stats.time_draft - stats.time_verify
+            ),
+        )
+
+    def answer_greedily(self, unit: _Unit) -> list[int]:
+        """The plain configuration's greedy answer (for the next turn of a conversation)."""
+        greedy = Runner(
+            self.target, None, max_new_tokens=self.max_new_tokens, params=SamplingParams()
+        )
+        plain = BenchConfig("plain", "verispec", "none")
+        return list(greedy.run(plain, unit, max_new_tokens=self.max_new_tokens).token_ids)
+
+
+def _messages(prompt: BenchPrompt, answers: list[str], turn: int) -> list[dict[str, str]]:
+    messages: list[dict[str, str]] = []
+    for i in range(turn - 1):
+        messages += [
+            {"role": "user", "content": prompt.turns[i]},
+            {"role": "assistant", "content": answers[i]},
+        ]
+    messages.append({"role": "user", "content": prompt.turns[turn - 1]})
+    return messages
+
+
+def _check_against_plain(records: list[RunRecord]) -> list[RunRecord]:
+    plain = next(r for r in records if r.config == "plain")
+    out = []
+    for r in records:
+        same = r.token_ids == plain.token_ids
+        first = None
+        if not same:
+            n = min(len(r.token_ids), len(plain.token_ids))
+            first = next((i for i in range(n) if r.token_ids[i] != plain.token_ids[i]), n)
+        out.append(dataclasses.replace(r, matches_plain=same, first_mismatch=first))
+    return out
+
+
+def run_bench(
+    target: LanguageModel,
+    draft: LanguageModel | None,
+    prompts: Sequence[BenchPrompt],
+    configs: Sequence[BenchConfig],
+    *,
+    max_new_tokens: int,
+    params: SamplingParams,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> BenchRun:
+    """Run ``configs`` on every turn of every prompt (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    runner = Runner(target, draft, max_new_tokens=max_new_tokens, params=params)
+    base_seed = params.seed if params.seed is not None else 0
+    notes: list[str] = []
+    if not prompts:
+        raise InvalidArgumentError("no prompts to run")
+
+    # 1. Warm up each configuration once; drop the ones this verispec cannot run.
+    first = prompts[0]
+    ids = encode_prompt(target.tokenizer, _messages(first, [], 1))
+    warm = _Unit(first, 1, ids, None if params.greedy else base_seed)
+    active: list[BenchConfig] = []
+    for config in configs:
+        try:
+            runner.run(config, warm, max_new_tokens=min(WARMUP_TOKENS, max_new_tokens))
+            active.append(config)
+        except InvalidArgumentError as exc:
+            if config.name == "plain":
+                raise
+            notes.append(f"{config.name} skipped: {exc}")
+            log(f"note: {config.name} skipped: {exc}")
+
+    # 2. Every turn of every prompt, all configurations, rotating their order.
+    total = sum(len(p.turns) for p in prompts) * len(active)
+    bar = tqdm(total=total, desc="bench", unit="run", disable=not progress, leave=False)
+    records: list[RunRecord] = []
+    index = 0
+    for prompt in prompts:
+        answers: list[str] = []
+        for turn in range(1, len(prompt.turns) + 1):
+            ids = encode_prompt(target.tokenizer, _messages(prompt, answers, turn))
+            unit = _Unit(prompt, turn, ids, None if params.greedy else base_seed + index)
+            shift = index % len(active)
+            results = []
+            for config in active[shift:] + active[:shift]:
+                bar.set_postfix_str(f"{prompt.prompt_id} t{turn} {config.name}")
+                results.append(runner.run(config, unit, max_new_tokens=max_new_tokens))
+                bar.update(1)
+            results.sort(key=lambda r: [c.name for c in active].index(r.config))
+            if params.greedy:
+                results = _check_against_plain(results)
+            records.extend(results)
+            # 3. The next turn follows the plain greedy answer, the same for every configuration.
+            if turn < len(prompt.turns):
+                answer = results[0].token_ids if params.greedy else runner.answer_greedily(unit)
+                answers.append(target.tokenizer.decode(list(answer), skip_special_tokens=True))
+            index += 1
+    bar.close()
+    return BenchRun(records=records, configs=active, notes=notes)
