@@ -7,6 +7,7 @@ result = verispec.generate(target, drafter, "Write a quicksort in Python.")
 print(result.text, result.stats.acceptance_rate)
 """
 
+from verispec.costs import CostModel, costs_for
 from verispec.drafters import Draft, Drafter, DraftModelDrafter, PromptLookupDrafter, Proposer
 from verispec.engine import SequenceState, StepEvent, speculate
 from verispec.errors import (
@@ -18,7 +19,14 @@ from verispec.errors import (
     UnknownPresetError,
     VerispecError,
 )
-from verispec.generate import Generation, GenerationResult, TextEvent, generate, stream
+from verispec.generate import (
+    Generation,
+    GenerationResult,
+    TextEvent,
+    encode_prompt,
+    generate,
+    stream,
+)
 from verispec.models import HFModel, LanguageModel, load_model
 from verispec.sampling import SamplingParams
 from verispec.stats import GenerationStats
@@ -26,6 +34,7 @@ from verispec.stats import GenerationStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "CostModel",
     "Draft",
     "DraftModelDrafter",
     "Drafter",
@@ -47,6 +56,8 @@ __all__ = [
     "TextEvent",
     "UnknownPresetError",
     "VerispecError",
+    "costs_for",
+    "encode_prompt",
     "generate",
     "load_model",
     "speculate",

@@ -74,9 +74,9 @@ def measure_costs(
     target: LanguageModel,
     draft: LanguageModel | None,
     *,
-    max_k: int = 16,
+    max_k: int = 12,
     context_length: int = 100,
-    repeats: int = 3,
+    repeats: int = 2,
 ) -> CostModel:
     """Time target passes of 1..max_k+1 positions (and one draft step) on a warm cache."""
     context = [(i * 7919) % target.vocab_size for i in range(context_length)]
@@ -97,7 +97,7 @@ def cached_costs(
     target: LanguageModel,
     draft: LanguageModel | None,
     *,
-    max_k: int = 16,
+    max_k: int = 12,
 ) -> CostModel:
     """:func:`measure_costs`, measured once per (machine, models, kernels) key and kept on disk."""
     path = cache_dir / "costs" / f"{key}.json"

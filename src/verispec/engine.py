@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -64,7 +65,7 @@ class SequenceState:
         return self.tokens[self.prompt_length :]
 
 
-DraftLength = int | str  # a fixed k, or "auto" (cost model + running acceptance)
+DraftLength = int | Literal["auto"]  # a fixed k, or "auto" (cost model + running acceptance)
 
 
 def check_generation_args(*, max_new_tokens: int, num_draft_tokens: DraftLength) -> None:
@@ -119,20 +120,40 @@ def start_sequence(
     return seq
 
 
-def step(target: LanguageModel, seq: SequenceState, num_draft_tokens: int) -> StepEvent:
-    """One target pass for one sequence."""
-    stats = seq.stats
-    # 1. How many tokens to draft: never past max_new_tokens or the context window.
+def draft_budget(target: LanguageModel, seq: SequenceState, num_draft_tokens: int) -> int:
+    """How many tokens ``seq`` may draft: never past max_new_tokens or the context window."""
     remaining = seq.max_new_tokens - len(seq.generated)
     room = target.max_context - len(seq.tokens) - 1
-    k = max(0, min(num_draft_tokens, remaining - 1, room))
+    return max(0, min(num_draft_tokens, remaining - 1, room))
+
+
+def step(target: LanguageModel, seq: SequenceState, num_draft_tokens: int) -> StepEvent:
+    """One target pass for one sequence."""
+    # 1. How many tokens to draft.
+    k = draft_budget(target, seq, num_draft_tokens)
     t0 = time.perf_counter()
     draft = _NO_DRAFT
     if seq.proposer is not None and k > 0:
         draft = seq.proposer.propose(seq.tokens, k, params=seq.params, generator=seq.generator)
     t1 = time.perf_counter()
+    seq.stats.time_draft += t1 - t0
     # 2. Score the last token and the draft in one target pass.
     logits = target.forward(seq.cache, [seq.tokens[-1], *draft.tokens])  # [k' + 1, vocab]
+    return finish_step(target, seq, draft, logits, started=t1)
+
+
+def finish_step(
+    target: LanguageModel,
+    seq: SequenceState,
+    draft: Draft,
+    logits: torch.Tensor,  # [k' + 1, vocab]: the target's pass over [last token, *draft.tokens]
+    *,
+    started: float,  # perf_counter() when the target pass began (for time_verify)
+) -> StepEvent:
+    """Steps 3-5 of a pass: verify, roll back, emit. A scheduler that scores many
+    sequences in one batched target pass calls this once per sequence."""
+    stats = seq.stats
+    remaining = seq.max_new_tokens - len(seq.generated)
     # 3. Verify.
     if seq.params.greedy:
         verdict = greedy_verify(draft.tokens, logits)
@@ -158,8 +179,7 @@ def step(target: LanguageModel, seq: SequenceState, num_draft_tokens: int) -> St
     seq.tokens.extend(new)
     seq.finish_reason = finish
     stats.record_pass(drafted=len(draft.tokens), accepted=verdict.num_accepted, emitted=len(new))
-    stats.time_draft += t1 - t0
-    stats.time_verify += t2 - t1
+    stats.time_verify += t2 - started
     stats.time_total = time.perf_counter() - seq.started_at
     if stats.target_passes == 1:
         stats.time_to_first_token = stats.time_total

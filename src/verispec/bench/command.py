@@ -141,11 +141,14 @@ def _load(spec: str, args: argparse.Namespace, *, role: str) -> Any:
 
 def calibrate(target: Any, draft: Any, max_k: int) -> dict[str, Any] | None:
     """c_verify(0..max_k) and c_draft on this machine (:func:`verispec.costs.measure_costs`)."""
-    from verispec.costs import measure_costs
+    from verispec.costs import costs_for, measure_costs
 
     if max_k < 1:
         return None
-    costs = measure_costs(target, draft, max_k=max_k)
+    # The cached cost model is the one the adaptive policy ("auto") uses too.
+    costs = costs_for(target, draft)
+    if costs.max_k < max_k:
+        costs = measure_costs(target, draft, max_k=max_k)
     return {
         "c_verify": list(costs.c_verify),
         "c_draft": costs.c_draft,

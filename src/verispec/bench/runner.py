@@ -29,6 +29,7 @@ from typing import Any
 from verispec.bench.datasets import BenchPrompt
 from verispec.bench.peers import hf_generate
 from verispec.drafters import DraftModelDrafter, PromptLookupDrafter
+from verispec.engine import DraftLength
 from verispec.errors import InvalidArgumentError
 from verispec.generate import encode_prompt, stream
 from verispec.models import LanguageModel
@@ -44,7 +45,7 @@ class BenchConfig:
     name: str  # "plain", "draft-k4", "draft-auto", "lookup", "hf-plain", "hf-assisted", ...
     engine: str  # "verispec" or "transformers"
     drafter: str  # "none", "model" or "lookup"
-    k: int | str = 0  # draft length: an integer, "auto", or 0 (no drafter / peer default)
+    k: DraftLength = 0  # draft length: an integer, "auto", or 0 (no drafter / peer default)
 
     @property
     def speculative(self) -> bool:
@@ -214,7 +215,7 @@ class Runner:
             top_k=params.top_k,
             top_p=params.top_p,
             seed=params.seed,
-            num_draft_tokens=config.k if config.speculative else 1,
+            num_draft_tokens=config.k if config.speculative and config.k else 1,
         )
         ends: list[float] = []
         counts: list[int] = []
