@@ -59,6 +59,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="draft precision (default: int8 on CPU, bf16 on CUDA); never changes the output",
     )
     parser.add_argument(
+        "--draft-vocab",
+        type=_int,
+        default=None,
+        metavar="N",
+        help="score only the draft's first N token ids (+ special ones): a cheaper draft head",
+    )
+    parser.add_argument(
         "--kernels",
         choices=["auto", "default", "onednn"],
         default="auto",
@@ -165,7 +172,13 @@ def load_pair(args: argparse.Namespace, *, progress: bool) -> tuple[Any, Any]:
     drafter: Any = None
     if args.drafter == "model":
         draft_precision = args.draft_precision or ("int8" if device == "cpu" else None)
-        draft = load_model(args.draft, precision=draft_precision, progress=progress, **common)
+        draft = load_model(
+            args.draft,
+            precision=draft_precision,
+            vocab_limit=args.draft_vocab,
+            progress=progress,
+            **common,
+        )
         drafter = DraftModelDrafter(draft, target=target)
     elif args.drafter == "prompt-lookup":
         drafter = PromptLookupDrafter(max_ngram=args.ngram)
