@@ -84,7 +84,7 @@ def test_parse_configs() -> None:
     names = [c.name for c in parse_configs(None, ks=[4, 8], lookup_k=8)]
     assert names == [
         "plain", "draft-k4", "draft-k8", "draft-auto", "lookup",
-        "hf-plain", "hf-assisted", "hf-lookup",
+        "hf-plain", "hf-assisted", "hf-lookup", "hf-default",
     ]  # fmt: skip
     configs = parse_configs("lookup,draft-k6", ks=[4], lookup_k=5)
     assert [(c.name, c.k) for c in configs] == [("plain", 0), ("lookup", 5), ("draft-k6", 6)]

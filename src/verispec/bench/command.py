@@ -189,11 +189,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"calibrating costs (k up to {max(fixed_ks, default=0)}) ...", file=sys.stderr)
     costs = calibrate(target, draft, max(fixed_ks, default=0))
 
+    default_target = None
+    if any(c.name == "hf-default" for c in configs):
+        default_args = argparse.Namespace(**{**vars(args), "kernels": "default"})
+        default_target = _load(target_spec, default_args, role="target")
     bench = run_bench(
         target,
         draft,
         prompts,
         configs,
+        default_target=default_target,
         max_new_tokens=pick["max_new_tokens"],
         params=params,
         progress=not args.no_progress,

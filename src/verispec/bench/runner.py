@@ -61,7 +61,7 @@ def parse_configs(text: str | None, *, ks: Sequence[int], lookup_k: int) -> list
         if not 1 <= k <= 64:
             raise InvalidArgumentError(f"draft lengths must be between 1 and 64, got {k}")
     default = ["plain", *(f"draft-k{k}" for k in ks), "draft-auto", "lookup"]
-    default += ["hf-plain", "hf-assisted", "hf-lookup"]
+    default += ["hf-plain", "hf-assisted", "hf-lookup", "hf-default"]
     names = default if text is None else [s.strip() for s in text.split(",") if s.strip()]
     configs: list[BenchConfig] = []
     for name in dict.fromkeys(["plain", *names]):
@@ -79,10 +79,12 @@ def parse_configs(text: str | None, *, ks: Sequence[int], lookup_k: int) -> list
             configs.append(BenchConfig(name, "transformers", "model"))
         elif name == "hf-lookup":
             configs.append(BenchConfig(name, "transformers", "lookup", lookup_k))
+        elif name == "hf-default":  # plain generate() on PyTorch's default kernels
+            configs.append(BenchConfig(name, "transformers", "none"))
         else:
             raise InvalidArgumentError(
                 f"unknown configuration {name!r}; choose from plain, draft-k<K> (K in 1..64), "
-                "draft-auto, lookup, hf-plain, hf-assisted, hf-lookup"
+                "draft-auto, lookup, hf-plain, hf-assisted, hf-lookup, hf-default"
             )
     return configs
 
@@ -162,8 +164,10 @@ class Runner:
         *,
         max_new_tokens: int,
         params: SamplingParams,
+        default_target: LanguageModel | None = None,
     ) -> None:
         self.target = target
+        self.default_target = default_target  # the target on default kernels, for hf-default
         self.draft = draft
         self.max_new_tokens = max_new_tokens
         self.params = params
@@ -190,8 +194,11 @@ class Runner:
             "prompt_tokens": len(unit.prompt_ids),
         }
         if config.engine == "transformers":
+            model = self.default_target if config.name == "hf-default" else self.target
+            if model is None:
+                raise InvalidArgumentError("hf-default needs the target loaded on default kernels")
             peer = hf_generate(
-                self.target,
+                model,
                 unit.prompt_ids,
                 max_new_tokens=max_new_tokens,
                 params=params,
@@ -285,11 +292,14 @@ def run_bench(
     params: SamplingParams,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    default_target: LanguageModel | None = None,
 ) -> BenchRun:
     """Run ``configs`` on every turn of every prompt (see the module docstring)."""
     from tqdm.auto import tqdm
 
-    runner = Runner(target, draft, max_new_tokens=max_new_tokens, params=params)
+    runner = Runner(
+        target, draft, max_new_tokens=max_new_tokens, params=params, default_target=default_target
+    )
     base_seed = params.seed if params.seed is not None else 0
     notes: list[str] = []
     if not prompts:
