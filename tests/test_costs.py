@@ -85,3 +85,14 @@ def test_costs_are_measured_once_and_cached(tmp_path) -> None:
     assert first.c_draft > 0
     again = cached_costs("tiny", tmp_path, None, None, max_k=3)  # type: ignore[arg-type]
     assert again == first
+
+
+def test_policy_learns_the_real_draft_cost() -> None:
+    policy = AdaptiveDraftLength(FLAT, alpha=0.8)
+    k_cheap = policy.choose()
+    policy.observe_time(4, draft_seconds=9.0, verify_seconds=0.1)  # first drafting pass: skipped
+    assert policy.c_draft == FLAT.c_draft
+    for _ in range(20):  # each draft token costs as much as a target step
+        policy.observe_time(4, draft_seconds=0.4, verify_seconds=0.1)
+    assert policy.c_draft == pytest.approx(1.0, rel=0.01)
+    assert policy.choose() < k_cheap

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from verispec.models import LanguageModel
@@ -125,6 +125,10 @@ class AdaptiveDraftLength:
     policy chooses k = 0 it still probes with a short draft every
     ``probe_every`` passes, so that a drafter that starts to work again (a
     copy-heavy stretch of text) is noticed.
+
+    ``c_draft`` starts at the calibrated value and follows what drafting
+    really costs in this sequence (:meth:`observe_time`): Python overhead,
+    sampling and a busy machine all show up there and not in a calibration.
     """
 
     costs: CostModel
@@ -132,10 +136,17 @@ class AdaptiveDraftLength:
     decay: float = 0.9  # weight of the past per observed draft token
     probe_every: int = 8
     max_k: int | None = None
+    c_draft: float = -1.0  # running estimate; -1 = take the calibrated value
     _passes_without_draft: int = field(default=0, repr=False)
+    _drafted_last_pass: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.c_draft < 0:
+            self.c_draft = self.costs.c_draft
 
     def choose(self) -> int:
-        k = self.costs.best_k(self.alpha, max_k=self.max_k)
+        costs = replace(self.costs, c_draft=self.c_draft)
+        k = costs.best_k(self.alpha, max_k=self.max_k)
         if k == 0:
             self._passes_without_draft += 1
             if self._passes_without_draft >= self.probe_every:
@@ -153,6 +164,20 @@ class AdaptiveDraftLength:
         for i in range(observed):
             hit = 1.0 if i < accepted else 0.0
             self.alpha = self.decay * self.alpha + (1 - self.decay) * hit
+
+    def observe_time(self, drafted: int, draft_seconds: float, verify_seconds: float) -> None:
+        """Update c_draft from one pass's real draft and verification times.
+
+        The target's one-token step is inferred as ``verify_seconds / c_verify(k)``.
+        A pass right after one without drafting is skipped: its draft time includes
+        feeding the draft model the tokens it missed (the prompt, on the first pass).
+        """
+        drafted_before, self._drafted_last_pass = self._drafted_last_pass, drafted > 0
+        if drafted <= 0 or verify_seconds <= 0 or not drafted_before:
+            return
+        step = verify_seconds / self.costs.c_verify[min(drafted, self.costs.max_k)]
+        observed = draft_seconds / (drafted * step)
+        self.c_draft = 0.7 * self.c_draft + 0.3 * observed
 
 
 def costs_for(

@@ -92,8 +92,13 @@ def start_sequence(
     *,
     params: SamplingParams,
     max_new_tokens: int,
+    prefill: bool = True,
 ) -> SequenceState:
-    """Validate, then run the prompt pass (all prompt tokens but the last)."""
+    """Validate, then run the prompt pass (all prompt tokens but the last).
+
+    ``prefill=False`` leaves the prompt pass to the caller (a scheduler that runs
+    the prompt passes of several new sequences as one batch).
+    """
     if not prompt_ids:
         raise InvalidArgumentError("the prompt is empty")
     if len(prompt_ids) >= target.max_context:
@@ -114,7 +119,7 @@ def start_sequence(
         generator=params.make_generator(),
     )
     seq.stats.prompt_tokens = len(prompt_ids)
-    if len(prompt_ids) > 1:
+    if prefill and len(prompt_ids) > 1:
         target.forward(seq.cache, prompt_ids[:-1], num_logits=1)
     seq.stats.time_prefill = time.perf_counter() - seq.started_at
     return seq
@@ -228,7 +233,13 @@ def _run(
 ) -> Generator[tuple[StepEvent, SequenceState], None, None]:
     while seq.finish_reason is None:
         k = seq.policy.choose() if seq.policy is not None else fixed_k
+        draft_before, verify_before = seq.stats.time_draft, seq.stats.time_verify
         event = step(target, seq, k)
         if seq.policy is not None:
             seq.policy.observe(event.num_drafted, event.num_accepted)
+            seq.policy.observe_time(
+                event.num_drafted,
+                seq.stats.time_draft - draft_before,
+                seq.stats.time_verify - verify_before,
+            )
         yield event, seq

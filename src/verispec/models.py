@@ -168,6 +168,9 @@ def load_model(
     precision = precision or ("bf16" if device.startswith("cuda") else "fp32")
     kernels_module.check_choice(kernels, precision)
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a warm load takes seconds; its bar is noise
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
