@@ -24,7 +24,7 @@ from helpers import TableModel
 
 import verispec.engine as engine
 import verispec.verify as verify
-from verispec.drafters import DraftModelDrafter, PromptLookupDrafter
+from verispec.drafters import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
 from verispec.generate import generate
 from verispec.sampling import SamplingParams, warp
 
@@ -89,6 +89,14 @@ def test_draft_model_speculation_is_distribution_exact(params: SamplingParams) -
 def test_prompt_lookup_speculation_is_distribution_exact() -> None:
     target = TableModel(VOCAB, seed=10)
     tv, threshold = _empirical_tv(target, PromptLookupDrafter(max_ngram=2), PARAMS[0], k=2)
+    assert tv < threshold, f"TV {tv:.4f} >= threshold {threshold:.4f}"
+
+
+def test_hybrid_speculation_is_distribution_exact() -> None:
+    """Lookup (one-hot) and model (sampled) drafts mixed pass by pass."""
+    target, draft = TableModel(VOCAB, seed=10), TableModel(VOCAB, seed=11)
+    drafter = HybridDrafter(DraftModelDrafter(draft, target=target), max_ngram=2, min_ngram=2)
+    tv, threshold = _empirical_tv(target, drafter, PARAMS[0], k=2)
     assert tv < threshold, f"TV {tv:.4f} >= threshold {threshold:.4f}"
 
 

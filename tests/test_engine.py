@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import TableModel, plain_greedy, tiny_llama
 
-from verispec.drafters import Draft, DraftModelDrafter, PromptLookupDrafter
+from verispec.drafters import Draft, DraftModelDrafter, HybridDrafter, PromptLookupDrafter
 from verispec.engine import speculate
 from verispec.errors import InvalidArgumentError, PromptTooLongError
 from verispec.generate import generate
@@ -71,7 +71,9 @@ def test_hostile_drafter_accepts_nothing_and_matches_plain(target, k: int) -> No
 def test_other_model_and_prompt_lookup_drafters_match_plain(target, k: int) -> None:
     reference = plain_greedy(target, PROMPT, 40)
     draft = tiny_llama(seed=1)
-    for drafter in (DraftModelDrafter(draft, target=target), PromptLookupDrafter(max_ngram=2)):
+    model_drafter = DraftModelDrafter(draft, target=target)
+    drafters = (model_drafter, PromptLookupDrafter(max_ngram=2), HybridDrafter(model_drafter))
+    for drafter in drafters:
         result = _run(target, drafter, k)
         assert result.token_ids == reference, drafter.name
     assert _run(target, None, 4).token_ids == reference

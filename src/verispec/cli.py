@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--drafter",
-        choices=["model", "prompt-lookup", "none"],
+        choices=["model", "prompt-lookup", "hybrid", "none"],
         default="model",
-        help="where draft tokens come from (none: plain decoding through the same loop)",
+        help="where draft tokens come from: a draft model, prompt lookup, hybrid (lookup where "
+        "the text repeats, the model elsewhere) or none (plain decoding through the same loop)",
     )
     gen.add_argument(
         "--num-draft-tokens",
@@ -163,14 +164,14 @@ def _summary(stats: Any, drafter_name: str) -> str:
 
 def load_pair(args: argparse.Namespace, *, progress: bool) -> tuple[Any, Any]:
     """Load the target and build the drafter the options ask for."""
-    from verispec.drafters import DraftModelDrafter, PromptLookupDrafter
+    from verispec.drafters import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
     from verispec.models import default_device, load_model
 
     device = args.device or default_device()
     common = {"cache_dir": args.cache_dir, "device": device, "kernels": args.kernels}
     target = load_model(args.target, precision=args.precision, progress=progress, **common)
     drafter: Any = None
-    if args.drafter == "model":
+    if args.drafter in ("model", "hybrid"):
         draft_precision = args.draft_precision or ("int8" if device == "cpu" else None)
         draft = load_model(
             args.draft,
@@ -180,6 +181,8 @@ def load_pair(args: argparse.Namespace, *, progress: bool) -> tuple[Any, Any]:
             **common,
         )
         drafter = DraftModelDrafter(draft, target=target)
+        if args.drafter == "hybrid":
+            drafter = HybridDrafter(drafter, max_ngram=args.ngram)
     elif args.drafter == "prompt-lookup":
         drafter = PromptLookupDrafter(max_ngram=args.ngram)
     return target, drafter

@@ -30,6 +30,7 @@ from verispec.sampling import SamplingParams, sample, warp
 class Draft:
     tokens: list[int]  # [k'] with k' <= k (k' may be 0: nothing to propose)
     probs: torch.Tensor | None = None  # [k', vocab] sampling distributions of the tokens, or None
+    free: bool = False  # True when proposing cost (next to) nothing, e.g. a prompt lookup
 
 
 class Proposer(Protocol):
@@ -177,5 +178,44 @@ class PromptLookupDrafter:
             for end in ends:
                 start = end - n + 1
                 if start >= 0 and np.array_equal(ids[start : end + 1], tail):
-                    return Draft(tokens=ids[end + 1 : end + 1 + k].tolist())
+                    return Draft(tokens=ids[end + 1 : end + 1 + k].tolist(), free=True)
         return Draft(tokens=[])
+
+
+class HybridDrafter:
+    """Prompt lookup where the context repeats itself, the draft model elsewhere.
+
+    A lookup draft costs nothing, so whenever the context's last ``min_ngram``
+    tokens occurred before, their continuation is proposed (one-hot); otherwise
+    the draft model drafts. Each pass's proposal is valid on its own, so
+    verification stays exact. The draft model catches up on skipped tokens the
+    next time it is asked.
+    """
+
+    def __init__(self, model_drafter: DraftModelDrafter, *, max_ngram: int = 3, min_ngram: int = 2):
+        self.model_drafter = model_drafter
+        self.lookup = PromptLookupDrafter(max_ngram=max_ngram, min_ngram=min_ngram)
+        self.model = model_drafter.model
+        self.name = f"prompt lookup, else {model_drafter.name}"
+
+    def start(self) -> _HybridProposer:
+        return _HybridProposer(self.lookup, self.model_drafter.start())
+
+
+class _HybridProposer:
+    def __init__(self, lookup: PromptLookupDrafter, model: _DraftModelProposer) -> None:
+        self.lookup = lookup
+        self.model = model
+
+    def propose(
+        self,
+        context: Sequence[int],
+        k: int,
+        *,
+        params: SamplingParams,
+        generator: torch.Generator,
+    ) -> Draft:
+        draft = self.lookup.propose(context, k, params=params, generator=generator)
+        if draft.tokens:
+            return draft
+        return self.model.propose(context, k, params=params, generator=generator)

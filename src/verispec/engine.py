@@ -57,6 +57,7 @@ class SequenceState:
     generator: torch.Generator
     stats: GenerationStats = field(default_factory=GenerationStats)
     policy: AdaptiveDraftLength | None = None  # chooses k per pass when drafting is adaptive
+    last_draft_free: bool = False  # the last pass's draft cost nothing (a prompt lookup)
     finish_reason: str | None = None
     started_at: float = field(default_factory=time.perf_counter)
 
@@ -140,6 +141,7 @@ def step(target: LanguageModel, seq: SequenceState, num_draft_tokens: int) -> St
     draft = _NO_DRAFT
     if seq.proposer is not None and k > 0:
         draft = seq.proposer.propose(seq.tokens, k, params=seq.params, generator=seq.generator)
+    seq.last_draft_free = draft.free
     t1 = time.perf_counter()
     seq.stats.time_draft += t1 - t0
     # 2. Score the last token and the draft in one target pass.
@@ -238,7 +240,7 @@ def _run(
         if seq.policy is not None:
             seq.policy.observe(event.num_drafted, event.num_accepted)
             seq.policy.observe_time(
-                event.num_drafted,
+                0 if seq.last_draft_free else event.num_drafted,
                 seq.stats.time_draft - draft_before,
                 seq.stats.time_verify - verify_before,
             )

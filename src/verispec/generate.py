@@ -16,8 +16,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from verispec.costs import CostModel, costs_for
-from verispec.drafters import Drafter, DraftModelDrafter
-from verispec.engine import DraftLength, check_generation_args, speculate
+from verispec.drafters import Drafter
+from verispec.engine import DraftLength, StepEvent, check_generation_args, speculate
 from verispec.errors import InvalidArgumentError
 from verispec.models import LanguageModel
 from verispec.sampling import SamplingParams
@@ -145,6 +145,29 @@ class Detokenizer:
         return out, False, len(tokens)
 
 
+def to_text_event(detok: Detokenizer | None, event: StepEvent, stats: GenerationStats) -> TextEvent:
+    """One engine event as text. A stop string ends the sequence (``finish_reason="stop"``):
+    the tokens after the one that completed it are dropped, also from ``stats``."""
+    tokens, finish = event.tokens, event.finish_reason
+    text, pieces = "", []
+    if detok is not None:
+        before = detok.emitted
+        text, hit, keep = detok.feed(tokens, event.from_draft, final=finish is not None)
+        pieces = detok.pieces(before, detok.emitted)
+        if hit:
+            stats.new_tokens -= len(tokens) - keep
+            tokens, finish = tokens[:keep], "stop"
+    return TextEvent(
+        text=text,
+        pieces=pieces,
+        tokens=tokens,
+        from_draft=event.from_draft[: len(tokens)],
+        num_drafted=event.num_drafted,
+        num_accepted=event.num_accepted,
+        finish_reason=finish,
+    )
+
+
 class Generation:
     """A running generation: iterate it for :class:`TextEvent` s; its fields
     (``text``, ``token_ids``, ``finish_reason``, ``stats``) grow as it runs."""
@@ -180,30 +203,12 @@ class Generation:
     def __iter__(self) -> Iterator[TextEvent]:
         for event, seq in self._events:
             self.stats = seq.stats
-            tokens, finish = event.tokens, event.finish_reason
-            text, pieces = "", []
-            if self._detok is not None:
-                before = self._detok.emitted
-                text, hit, keep = self._detok.feed(
-                    tokens, event.from_draft, final=finish is not None
-                )
-                pieces = self._detok.pieces(before, self._detok.emitted)
-                if hit:
-                    self.stats.new_tokens -= len(tokens) - keep
-                    tokens, finish = tokens[:keep], "stop"
-            self.text += text
-            self.token_ids.extend(tokens)
-            self.finish_reason = finish
-            yield TextEvent(
-                text=text,
-                pieces=pieces,
-                tokens=tokens,
-                from_draft=event.from_draft[: len(tokens)],
-                num_drafted=event.num_drafted,
-                num_accepted=event.num_accepted,
-                finish_reason=finish,
-            )
-            if finish is not None:
+            text_event = to_text_event(self._detok, event, self.stats)
+            self.text += text_event.text
+            self.token_ids.extend(text_event.tokens)
+            self.finish_reason = text_event.finish_reason
+            yield text_event
+            if text_event.finish_reason is not None:
                 self._events.close()
                 return
 
@@ -250,7 +255,7 @@ def stream(
     else:
         prompt_ids = encode_prompt(target.tokenizer, prompt, chat=chat)  # type: ignore[arg-type]
     if num_draft_tokens == "auto" and costs is None and drafter is not None:
-        draft_model = drafter.model if isinstance(drafter, DraftModelDrafter) else None
+        draft_model = getattr(drafter, "model", None)  # None for prompt lookup
         costs = costs_for(target, draft_model)
     return Generation(
         target,
