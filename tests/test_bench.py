@@ -83,7 +83,7 @@ def test_real_prompt_sets_load() -> None:
 def test_parse_configs() -> None:
     names = [c.name for c in parse_configs(None, ks=[4, 8], lookup_k=8)]
     assert names == [
-        "plain", "draft-k4", "draft-k8", "draft-auto", "lookup",
+        "plain", "draft-k4", "draft-k8", "draft-auto", "hybrid-auto", "lookup",
         "hf-plain", "hf-assisted", "hf-lookup", "hf-default",
     ]  # fmt: skip
     configs = parse_configs("lookup,draft-k6", ks=[4], lookup_k=5)

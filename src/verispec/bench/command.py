@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = load_prompts(sets, num_prompts=pick["num_prompts"], seed=args.seed)
 
     target = _load(target_spec, args, role="target")
-    needs_draft = any(c.drafter == "model" for c in configs)
+    needs_draft = any(c.drafter in ("model", "hybrid") for c in configs)
     draft = _load(draft_spec, args, role="draft") if needs_draft else None
     fixed_ks = [int(c.k) for c in configs if c.engine == "verispec" and isinstance(c.k, int)]
     print(f"calibrating costs (k up to {max(fixed_ks, default=0)}) ...", file=sys.stderr)

@@ -28,7 +28,7 @@ from typing import Any
 
 from verispec.bench.datasets import BenchPrompt
 from verispec.bench.peers import hf_generate
-from verispec.drafters import DraftModelDrafter, PromptLookupDrafter
+from verispec.drafters import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
 from verispec.engine import DraftLength
 from verispec.errors import InvalidArgumentError
 from verispec.generate import encode_prompt, stream
@@ -60,7 +60,7 @@ def parse_configs(text: str | None, *, ks: Sequence[int], lookup_k: int) -> list
     for k in [*ks, lookup_k]:
         if not 1 <= k <= 64:
             raise InvalidArgumentError(f"draft lengths must be between 1 and 64, got {k}")
-    default = ["plain", *(f"draft-k{k}" for k in ks), "draft-auto", "lookup"]
+    default = ["plain", *(f"draft-k{k}" for k in ks), "draft-auto", "hybrid-auto", "lookup"]
     default += ["hf-plain", "hf-assisted", "hf-lookup", "hf-default"]
     names = default if text is None else [s.strip() for s in text.split(",") if s.strip()]
     configs: list[BenchConfig] = []
@@ -71,6 +71,8 @@ def parse_configs(text: str | None, *, ks: Sequence[int], lookup_k: int) -> list
             configs.append(BenchConfig(name, "verispec", "model", int(name[7:])))
         elif name == "draft-auto":
             configs.append(BenchConfig(name, "verispec", "model", "auto"))
+        elif name == "hybrid-auto":
+            configs.append(BenchConfig(name, "verispec", "hybrid", "auto"))
         elif name == "lookup":
             configs.append(BenchConfig(name, "verispec", "lookup", lookup_k))
         elif name == "hf-plain":
@@ -84,7 +86,7 @@ def parse_configs(text: str | None, *, ks: Sequence[int], lookup_k: int) -> list
         else:
             raise InvalidArgumentError(
                 f"unknown configuration {name!r}; choose from plain, draft-k<K> (K in 1..64), "
-                "draft-auto, lookup, hf-plain, hf-assisted, hf-lookup, hf-default"
+                "draft-auto, hybrid-auto, lookup, hf-plain, hf-assisted, hf-lookup, hf-default"
             )
     return configs
 
@@ -176,9 +178,11 @@ class Runner:
     def _drafter_for(self, config: BenchConfig) -> Any:
         if config.drafter == "lookup":
             return PromptLookupDrafter()
-        if config.drafter == "model":
+        if config.drafter in ("model", "hybrid"):
             if self._drafter is None:
                 raise InvalidArgumentError(f"configuration {config.name} needs a draft model")
+            if config.drafter == "hybrid":
+                return HybridDrafter(self._drafter)
             return self._drafter
         return None
 
