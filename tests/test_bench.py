@@ -220,7 +220,7 @@ def test_quick_bench_end_to_end(tmp_path: Path, capsys) -> None:
     assert all(1 <= r["new_tokens"] <= 24 for r in data["records"])
     overall = data["summary"]["configs"]["draft-k4"]["all"]
     assert overall["acceptance_rate"] > 0 and overall["predicted_speedup"] > 0
-    assert len(data["costs"]["c_verify"]) == 9  # k up to 8 (lookup)
+    assert len(data["costs"]["c_verify"]) >= 9  # k up to 8 (lookup), or more when cached
     assert (out / "results.md").read_text().startswith("**smollm2-135m**")
     for name in ("speedup_by_category", "acceptance_by_position", "speedup_vs_k"):
         assert (out / f"{name}.png").stat().st_size > 1000

@@ -1,0 +1,134 @@
+"""``verispec serve``: load the models, build the scheduler and the app, run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from verispec.errors import InvalidArgumentError
+
+DEFAULT_MAX_K = 8  # longest draft the "auto" policy may choose
+
+
+def _draft_length(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from verispec import presets
+
+    parser.add_argument(
+        "--target", default=presets.DEFAULT_TARGET, help="preset, folder, GGUF or hub id"
+    )
+    parser.add_argument(
+        "--draft", default=presets.DEFAULT_DRAFT, help="draft model for --drafter model"
+    )
+    parser.add_argument(
+        "--drafter",
+        choices=["model", "prompt-lookup", "none"],
+        default="model",
+        help="where draft tokens come from (none: no speculation)",
+    )
+    parser.add_argument(
+        "--num-draft-tokens",
+        "-k",
+        type=_draft_length,
+        default="auto",
+        help="draft length: auto (default) chooses one per batch, up to "
+        f"{DEFAULT_MAX_K}, from measured pass costs and running acceptance (none where it "
+        "does not pay); N drafts N tokens always (0: no speculation)",
+    )
+    parser.add_argument("--ngram", type=int, default=3, help="longest n-gram for prompt lookup")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    parser.add_argument("--max-batch", type=int, default=8, help="sequences per batched pass")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    parser.add_argument(
+        "--max-tokens", type=int, default=256, help="default max_tokens per request"
+    )
+    parser.add_argument(
+        "--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask"
+    )
+    parser.add_argument(
+        "--model-name", default=None, help="the model id clients see (default: target)"
+    )
+    parser.add_argument("--cache-dir", default=None, help="where converted models live")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+
+
+def build_scheduler(
+    target: Any, drafter: Any, *, max_batch: int, max_queue: int, num_draft_tokens: int | str
+) -> Any:
+    """A :class:`Scheduler` with the draft-length policy asked for ("auto" measures pass costs)."""
+    from verispec.server.metrics import Metrics
+    from verispec.server.policy import BatchCostPolicy, measure_batch_costs
+    from verispec.server.scheduler import Scheduler
+
+    auto = num_draft_tokens == "auto"
+    k = DEFAULT_MAX_K if auto else int(num_draft_tokens)
+    scheduler = Scheduler(
+        target,
+        drafter,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        num_draft_tokens=k,
+        metrics=Metrics(),
+    )
+    if auto and drafter is not None:
+        draft_model = getattr(scheduler.drafter, "model", None)
+        costs = measure_batch_costs(scheduler.target, draft_model, max_batch=max_batch, max_k=k)
+        scheduler.policy = BatchCostPolicy(costs, max_k=k)
+    return scheduler
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from verispec.server.app import create_app
+    except ImportError as exc:
+        raise InvalidArgumentError(
+            f"verispec serve needs the server extra ({exc.name} is missing): "
+            "pip install 'verispec[server]'"
+        ) from exc
+    from verispec.cli import load_pair
+
+    for name in ("max_batch", "max_tokens", "max_tokens_limit"):
+        if getattr(args, name) < 1:
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_queue < 0:
+        raise InvalidArgumentError("--max-queue must be >= 0")
+    k = args.num_draft_tokens
+    if k != "auto" and not 0 <= k <= 64:
+        raise InvalidArgumentError(f"--num-draft-tokens must be auto or 0..64, got {k}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    target, drafter = load_pair(args, progress=True)
+    if k == 0:
+        drafter = None
+    if k == "auto" and drafter is not None:
+        print("measuring pass costs for the draft-length policy ...", file=sys.stderr)
+    scheduler = build_scheduler(
+        target, drafter, max_batch=args.max_batch, max_queue=args.max_queue, num_draft_tokens=k
+    )
+    app = create_app(
+        scheduler,
+        model_name=args.model_name or args.target,
+        api_key=args.api_key,
+        max_tokens=args.max_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+    )
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30
+    )
+    return 0

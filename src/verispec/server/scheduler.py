@@ -1,0 +1,390 @@
+"""Continuous batching: one worker thread owns the models and steps every running sequence.
+
+Requests enter a bounded queue. Each iteration of the worker:
+
+1. admits waiting requests while the batch has room (their prompt pass runs now);
+2. retires sequences whose client went away (their KV slots are freed);
+3. asks the policy how many tokens each sequence drafts, and drafts them
+   (a draft model runs batched: one pass per draft step for all sequences);
+4. scores every sequence's ``[last token, *draft]`` in ONE batched target pass
+   (:func:`verispec.batching.batched_forward`, ragged lengths);
+5. verifies each sequence on its own (:func:`verispec.engine.finish_step`: its
+   own accepted length, cache crop and random generator), turns the tokens into
+   text (stop strings included) and hands an :class:`Update` to the request's
+   asyncio queue; finished sequences leave the batch.
+
+Sequences join and leave between target passes, so a short request never waits
+for a long one. Nothing in a sequence's output depends on its batch mates:
+greedy output equals the output of the request alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from verispec.batching import batched_forward, pooled, propose_batch, release
+from verispec.drafters import Draft, Drafter, DraftModelDrafter, PromptLookupDrafter
+from verispec.engine import SequenceState, draft_budget, finish_step, start_sequence
+from verispec.errors import VerispecError
+from verispec.generate import Detokenizer, to_text_event
+from verispec.models import LanguageModel
+from verispec.sampling import SamplingParams
+from verispec.server.policy import AcceptanceEstimate, DraftPolicy, FixedDraftLength
+from verispec.server.provenance import ProvenanceTracker
+from verispec.server.schemas import Provenance
+from verispec.stats import GenerationStats
+
+log = logging.getLogger("verispec.server")
+PREFILL_ROWS = 2048  # most padded positions in one batched prompt pass
+
+
+class QueueFullError(Exception):
+    """The waiting queue is at its limit; the client should retry later."""
+
+
+class ShuttingDownError(Exception):
+    """The server no longer accepts requests."""
+
+
+@dataclass(frozen=True)
+class Update:
+    """What the worker tells a request: new text, and at the end the outcome."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str | None = None  # "stop", "length" or None (more to come)
+    stats: GenerationStats | None = None  # with the last update
+    error: str | None = None  # the request failed; no more updates
+    provenance: Provenance | None = None  # where the tokens came from (if the request asked)
+    token_ids: tuple[int, ...] = ()  # the new tokens themselves (num_tokens of them)
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str]
+    deliver: Callable[[Update], None]  # called from the worker thread; must not block
+    drafter: str | None = None  # "model", "prompt-lookup" or "none"; None: the server's
+    num_draft_tokens: int | None = None  # a fixed draft length; None: the policy's choice
+    provenance: bool = False  # report each token's origin in the updates
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class _Running:
+    request: GenerationRequest
+    seq: SequenceState
+    detok: Detokenizer | None
+    estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+    trace: ProvenanceTracker | None = None
+
+
+def asyncio_delivery(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Update]) -> Callable:
+    """A ``deliver`` callback that puts updates on an asyncio queue from another thread."""
+
+    def deliver(update: Update) -> None:
+        # A closed event loop means nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(queue.put_nowait, update)
+
+    return deliver
+
+
+class Scheduler:
+    """Owns the models; serves :class:`GenerationRequest` s from a worker thread."""
+
+    def __init__(
+        self,
+        target: LanguageModel,
+        drafter: Drafter | None,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        num_draft_tokens: int = 4,
+        policy: DraftPolicy | None = None,
+        metrics: Any = None,  # verispec.server.metrics.Metrics, or None
+    ) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        # Caches live in per-model slot pools, one slot per running sequence.
+        self.target = pooled(target, slots=max_batch)
+        if isinstance(drafter, DraftModelDrafter):
+            drafter = DraftModelDrafter(pooled(drafter.model, slots=max_batch), target=self.target)
+        self.drafter = drafter
+        # What a request may pick instead (its "drafter" option); prompt lookup costs nothing.
+        lookup = drafter if isinstance(drafter, PromptLookupDrafter) else PromptLookupDrafter()
+        self.drafters: dict[str, Drafter | None] = {"none": None, "prompt-lookup": lookup}
+        if isinstance(drafter, DraftModelDrafter):
+            self.drafters["model"] = drafter
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_k = num_draft_tokens if drafter is not None else 0
+        self.policy: DraftPolicy = policy or FixedDraftLength(self.max_k)
+        self.metrics = metrics
+        self._waiting: deque[GenerationRequest] = deque()
+        self._running: list[_Running] = []
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.passes = 0  # target passes so far (all sequences)
+
+    # -- called from the web server's thread -------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="verispec-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> None:
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDownError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"the queue is full ({self.max_queue} waiting requests)")
+            self._waiting.append(request)
+            self._gauges()
+            self._lock.notify()
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """Drop a request; a running one leaves the batch (and frees its cache) before
+        the next target pass."""
+        request.cancelled = True
+        with self._lock:
+            if request in self._waiting:
+                self._waiting.remove(request)
+                self._gauges()
+            self._lock.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish running sequences (up to ``timeout`` seconds), answer waiting ones with
+        an error, and end the worker."""
+        with self._lock:
+            self._stopping = True
+            waiting, self._waiting = list(self._waiting), deque()
+            self._lock.notify()
+        for request in waiting:
+            request.deliver(Update(text="", num_tokens=0, error="the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():  # still generating: answer and cut the rest short
+                for item in list(self._running):
+                    item.request.deliver(
+                        Update(text="", num_tokens=0, error="the server is shutting down")
+                    )
+                    item.request.cancelled = True
+                self._thread.join(5.0)
+
+    def drafter_for(self, name: str | None) -> Drafter | None:
+        """The drafter a request asks for by name (None: the server's own)."""
+        if name is None:
+            return self.drafter
+        if name not in self.drafters:
+            raise ValueError(
+                f"this server has no {name!r} drafter (available: {', '.join(self.drafters)})"
+            )
+        return self.drafters[name]
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the worker thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._running and not self._waiting and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and not self._running:
+                    return
+                room = self.max_batch - len(self._running)
+                admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            self._admit(admitted)
+            self._retire([r for r in self._running if r.request.cancelled], cancelled=True)
+            if self._running:
+                try:
+                    self._step()
+                except Exception as exc:  # a bug must not hang clients or kill the worker
+                    log.exception("batched step failed")
+                    for item in self._running:
+                        item.request.deliver(
+                            Update(text="", num_tokens=0, error=f"generation failed: {exc}")
+                        )
+                    self._retire(list(self._running), cancelled=True)
+            self._gauges()
+
+    def _admit(self, requests: list[GenerationRequest]) -> None:
+        """Start new sequences; their prompt passes run batched (similar lengths together)."""
+        new: list[_Running] = []
+        for request in requests:
+            if request.cancelled:
+                continue
+            try:
+                seq = start_sequence(
+                    self.target,
+                    self.drafter_for(request.drafter),
+                    request.prompt_ids,
+                    params=request.params,
+                    max_new_tokens=request.max_tokens,
+                    prefill=False,
+                )
+            except (VerispecError, ValueError, RuntimeError) as exc:
+                request.deliver(Update(text="", num_tokens=0, error=str(exc)))
+                continue
+            tokenizer = self.target.tokenizer
+            detok = Detokenizer(tokenizer, request.stop) if tokenizer is not None else None
+            trace = ProvenanceTracker(tokenizer) if request.provenance else None
+            new.append(_Running(request=request, seq=seq, detok=detok, trace=trace))
+        try:
+            for group in _prefill_groups([item.seq for item in new]):
+                batched_forward(
+                    self.target,
+                    [s.cache for s in group],
+                    [s.tokens[:-1] for s in group],
+                    num_logits=1,
+                )
+        except Exception as exc:  # e.g. out of memory: fail these requests, keep serving
+            log.exception("prompt pass failed")
+            for item in new:
+                item.request.deliver(
+                    Update(text="", num_tokens=0, error=f"prompt pass failed: {exc}")
+                )
+                _free(item.seq)
+            return
+        now = time.perf_counter()
+        for item in new:
+            item.seq.stats.time_prefill = now - item.seq.started_at
+            self._running.append(item)
+            if self.metrics is not None:
+                self.metrics.prompt_tokens.inc(len(item.request.prompt_ids))
+                self.metrics.queue_wait.observe(now - item.request.submitted_at)
+
+    def _step(self) -> None:
+        batch = self._running
+        seqs = [item.seq for item in batch]
+        # 3. Draft lengths from the policy, then the drafts.
+        budgets = [self._budget(item) for item in batch]
+        ks = self.policy.choose([item.estimate for item in batch], budgets)
+        # A request that fixed its draft length drafts its budget, whatever the policy says.
+        ks = [
+            b if item.request.num_draft_tokens is not None else k
+            for item, k, b in zip(batch, ks, budgets, strict=True)
+        ]
+        t0 = time.perf_counter()
+        drafts: list[Draft] = propose_batch(
+            [s.proposer for s in seqs],
+            [s.tokens for s in seqs],
+            ks,
+            [s.params for s in seqs],
+            [s.generator for s in seqs],
+        )
+        t1 = time.perf_counter()
+        # 4. One target pass for the whole batch.
+        inputs = [[s.tokens[-1], *d.tokens] for s, d in zip(seqs, drafts, strict=True)]
+        logits = batched_forward(self.target, [s.cache for s in seqs], inputs)
+        t2 = time.perf_counter()
+        self.passes += 1
+        # 5. Verify, emit and retire, each sequence on its own.
+        done = []
+        for item, k, draft, rows in zip(batch, ks, drafts, logits, strict=True):
+            item.seq.stats.time_draft += t1 - t0
+            event = finish_step(self.target, item.seq, draft, rows, started=t1)
+            item.estimate.observe(asked=k, drafted=event.num_drafted, accepted=event.num_accepted)
+            text_event = to_text_event(item.detok, event, item.seq.stats)
+            finish = text_event.finish_reason
+            provenance = None
+            if item.trace is not None:
+                provenance = item.trace.record(
+                    event=event,
+                    text_event=text_event,
+                    draft=draft,
+                    logits=rows,
+                    params=item.seq.params,
+                    detok=item.detok,
+                )
+            item.request.deliver(
+                Update(
+                    text=text_event.text,
+                    num_tokens=len(text_event.tokens),
+                    token_ids=tuple(text_event.tokens),
+                    finish_reason=None if finish is None else _openai_reason(finish),
+                    stats=item.seq.stats if finish is not None else None,
+                    provenance=provenance,
+                )
+            )
+            if self.metrics is not None:
+                self.metrics.record_pass(event, len(text_event.tokens))
+            if finish is not None:
+                done.append(item)
+        num_rows = len(inputs) * max(len(i) for i in inputs)  # what the padded pass scored
+        self.policy.observe(
+            rows=num_rows,
+            seconds=t2 - t1,
+            draft_lengths=[len(d.tokens) for d in drafts],
+            draft_seconds=t1 - t0,
+        )
+        if self.metrics is not None:
+            self.metrics.target_pass(seconds=t2 - t1, rows=num_rows, batch=len(batch))
+        self._retire(done, cancelled=False)
+
+    def _budget(self, item: _Running) -> int:
+        if item.seq.proposer is None:
+            return 0
+        k = item.request.num_draft_tokens
+        return draft_budget(self.target, item.seq, self.max_k if k is None else k)
+
+    def _retire(self, items: list[_Running], *, cancelled: bool) -> None:
+        for item in items:
+            self._running.remove(item)
+            _free(item.seq)
+            if self.metrics is not None:
+                self.metrics.finished(cancelled=cancelled)
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._waiting))
+            self.metrics.running.set(len(self._running))
+
+
+def _free(seq: SequenceState) -> None:
+    """Give a sequence's KV slots back (target and draft model)."""
+    release(seq.cache)
+    release(getattr(seq.proposer, "cache", None))
+
+
+def _prefill_groups(
+    seqs: list[SequenceState], max_rows: int = PREFILL_ROWS
+) -> list[list[SequenceState]]:
+    """Sequences with a prompt pass to run, grouped by length so that padding stays small:
+    a group's padded size (sequences x longest prompt) stays under ``max_rows`` unless
+    one prompt alone is longer."""
+    todo = sorted((s for s in seqs if len(s.tokens) > 1), key=lambda s: len(s.tokens))
+    groups: list[list[SequenceState]] = []
+    for seq in todo:
+        if groups and (len(groups[-1]) + 1) * (len(seq.tokens) - 1) <= max_rows:
+            groups[-1].append(seq)
+        else:
+            groups.append([seq])
+    return groups
+
+
+def _openai_reason(finish: str) -> str:
+    return "length" if finish == "length" else "stop"  # "eos" and stop strings are both "stop"

