@@ -33,6 +33,8 @@ def test_top_p_keeps_the_token_that_crosses_p() -> None:
 def test_top_p_never_empties_a_row() -> None:
     probs = warp(torch.tensor([[10.0, 0.0, 0.0]]), SamplingParams(temperature=1.0, top_p=0.01))
     assert probs[0].tolist() == [1.0, 0.0, 0.0]
+    tiny = warp(torch.tensor([[1.0, 2.0, 0.0]]), SamplingParams(temperature=1.0, top_p=1e-45))
+    assert tiny[0].tolist() == [0.0, 1.0, 0.0]  # a top_p that rounds to 0 in float32
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,8 @@ def warp(
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
         sorted_probs = torch.softmax(sorted_scores, dim=-1)
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of better tokens
-        drop_sorted = mass_before >= params.top_p  # the first token is never dropped
+        drop_sorted = mass_before >= params.top_p
+        drop_sorted[..., 0] = False  # the most likely token is never dropped
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return torch.softmax(scores, dim=-1)
