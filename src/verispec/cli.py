@@ -28,7 +28,7 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def _draft_length(text: str) -> int | str:
+def draft_length(text: str) -> int | str:
     if text == "auto":
         return text
     try:
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--num-draft-tokens",
         "-k",
-        type=_draft_length,
+        type=draft_length,
         default="auto",
         help="draft length k, or auto: chosen per pass from measured costs and acceptance",
     )

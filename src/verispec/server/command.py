@@ -7,18 +7,10 @@ import logging
 import sys
 from typing import Any
 
+from verispec.cli import draft_length
 from verispec.errors import InvalidArgumentError
 
 DEFAULT_MAX_K = 8  # longest draft the "auto" policy may choose
-
-
-def _draft_length(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-draft-tokens",
         "-k",
-        type=_draft_length,
+        type=draft_length,
         default="auto",
         help="draft length: auto (default) chooses one per batch, up to "
         f"{DEFAULT_MAX_K}, from measured pass costs and running acceptance (none where it "
