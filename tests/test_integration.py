@@ -88,3 +88,18 @@ def test_cli_json_on_the_real_model() -> None:
     payload = json.loads(proc.stdout)
     assert payload["stats"]["new_tokens"] == len(payload["token_ids"]) > 0
     assert payload["stats"]["target_passes"] <= payload["stats"]["new_tokens"]
+
+
+def test_lean_forward_matches_transformers_on_the_real_model(smollm2) -> None:
+    import torch
+
+    from verispec.models import HFModel
+
+    assert smollm2.runner == "lean"  # the default for a Llama-architecture model
+    ref = HFModel(hf=smollm2.hf, tokenizer=smollm2.tokenizer, name="ref", runner="hf")
+    ids = smollm2.tokenizer(PROMPT)["input_ids"]
+    lean_cache, ref_cache = smollm2.new_cache(), ref.new_cache()
+    for chunk in (ids[:-6], ids[-6:-5], ids[-5:]):
+        got = smollm2.forward(lean_cache, chunk)
+        want = ref.forward(ref_cache, chunk)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

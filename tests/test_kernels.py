@@ -88,3 +88,16 @@ def test_bad_kernel_choices_are_refused() -> None:
         optimize(model.hf, device="cpu", precision="int4")
     with pytest.raises(InvalidArgumentError, match="vocabulary size"):
         trim_vocabulary(model.hf, 0, always_keep=set())
+
+
+@pytest.mark.skipif(not onednn_available(), reason="PyTorch built without oneDNN")
+def test_onednn_padding_of_short_inputs_never_changes_rows() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80)
+    fast = OneDNNLinear(linear)
+    assert fast.min_rows > 1  # short inputs really take the padded path
+    for rows in range(1, fast.min_rows + 3):
+        x = torch.randn(1, rows, 48)
+        got = fast(x)
+        assert got.shape == (1, rows, 80)
+        torch.testing.assert_close(got, linear(x), atol=1e-5, rtol=1e-5)

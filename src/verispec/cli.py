@@ -71,6 +71,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="CPU matmul kernels (auto: oneDNN prepacked fp32 where available)",
     )
+    parser.add_argument(
+        "--runner",
+        choices=["auto", "lean", "hf"],
+        default="auto",
+        help="forward pass: lean (verispec's loop over the model's modules, Llama/Qwen2), "
+        "hf (transformers') or auto (lean where supported)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +175,12 @@ def load_pair(args: argparse.Namespace, *, progress: bool) -> tuple[Any, Any]:
     from verispec.models import default_device, load_model
 
     device = args.device or default_device()
-    common = {"cache_dir": args.cache_dir, "device": device, "kernels": args.kernels}
+    common = {
+        "cache_dir": args.cache_dir,
+        "device": device,
+        "kernels": args.kernels,
+        "runner": args.runner,
+    }
     target = load_model(args.target, precision=args.precision, progress=progress, **common)
     drafter: Any = None
     if args.drafter in ("model", "hybrid"):

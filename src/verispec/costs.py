@@ -21,6 +21,10 @@ from pathlib import Path
 
 from verispec.models import LanguageModel
 
+# Part of the cache key of measured costs: bump it when kernels or the forward
+# pass change in a way that the model names and kernel descriptions do not show.
+COSTS_VERSION = "2"
+
 
 @dataclass(frozen=True)
 class CostModel:
@@ -197,10 +201,13 @@ def costs_for(
     from verispec.presets import default_cache_dir
 
     parts = [
+        COSTS_VERSION,
         target.name,
+        getattr(target, "runner", ""),
         getattr(target, "kernels", ""),
         draft.name if draft is not None else "-",
         getattr(draft, "kernels", "") if draft is not None else "",
+        getattr(draft, "runner", "") if draft is not None else "",
         str(torch.get_num_threads()),
         torch.__version__,
         platform.processor() or platform.machine(),

@@ -24,6 +24,8 @@ from verispec.errors import (
     VerispecError,
 )
 
+RUNNERS = ("auto", "lean", "hf")
+
 
 class ModelCache(Protocol):
     """Per-sequence state of a model: the positions it has seen."""
@@ -55,7 +57,7 @@ class LanguageModel(Protocol):
 
 @dataclass
 class HFCache:
-    """A transformers ``DynamicCache`` plus the number of positions it holds."""
+    """A transformers ``DynamicCache`` (or a :class:`~verispec.lean.LeanCache`) and its length."""
 
     kv: Any
     length: int = 0
@@ -76,8 +78,23 @@ class HFModel:
     tokenizer: Any
     name: str
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    runner: str = "auto"  # "lean": verispec's direct loop over the modules; "hf": transformers'
 
     def __post_init__(self) -> None:
+        from verispec.lean import LeanRunner, lean_unsupported
+
+        if self.runner not in RUNNERS:
+            raise InvalidArgumentError(
+                f"unknown runner {self.runner!r}; choose one of {list(RUNNERS)}"
+            )
+        self.lean: LeanRunner | None = None
+        if self.runner != "hf":
+            reason = lean_unsupported(self.hf)
+            if reason is None:
+                self.lean = LeanRunner(self.hf)
+            elif self.runner == "lean":
+                raise InvalidArgumentError(f"{self.name}: no lean forward for {reason}")
+        self.runner = "lean" if self.lean is not None else "hf"
         self.hf.eval()
         config = self.hf.config
         self.vocab_size: int = int(self.hf.get_output_embeddings().out_features)
@@ -86,6 +103,8 @@ class HFModel:
         self.kernels: str = "default"  # what verispec.kernels.optimize applied
 
     def new_cache(self) -> HFCache:
+        if self.lean is not None:
+            return HFCache(kv=self.lean.new_cache())
         from transformers import DynamicCache
 
         # Full (non-sliding) layers for every model, so that rolling back never needs a
@@ -103,6 +122,11 @@ class HFModel:
                 f"{self.name}: {cache.length + len(tokens)} positions exceed the context "
                 f"window of {self.max_context}"
             )
+        if self.lean is not None:
+            ids = torch.tensor(tokens, dtype=torch.long, device=self.device)  # [n]
+            logits = self.lean.forward(cache.kv, ids, num_logits or len(tokens))
+            cache.length += len(tokens)
+            return logits.float().cpu()
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, n]
         out = self.hf(
             input_ids=ids,
@@ -139,6 +163,7 @@ def load_model(
     precision: str | None = None,
     kernels: str = "auto",
     vocab_limit: int | None = None,
+    runner: str = "auto",
     progress: bool = True,
 ) -> HFModel:
     """Load a model by preset name, local folder, GGUF file or hub id.
@@ -150,6 +175,8 @@ def load_model(
     ``kernels`` picks the CPU matmul kernels (:mod:`verispec.kernels`).
     ``vocab_limit`` (draft models only) scores just the first N token ids plus
     the special ones, which makes the output head N / vocab as costly.
+    ``runner`` picks the forward pass: ``lean`` (:mod:`verispec.lean`, Llama
+    and Qwen2), ``hf`` (transformers') or ``auto`` (lean where supported).
     """
     from pathlib import Path
 
@@ -186,7 +213,9 @@ def load_model(
         kernels_module.trim_vocabulary(hf, vocab_limit, always_keep=frozenset(special))
     applied = kernels_module.optimize(hf, device=device, kernels=kernels, precision=precision)
     name = os.path.basename(spec.rstrip("/")) or spec
-    model = HFModel(hf=hf, tokenizer=tokenizer, name=name, eos_token_ids=_eos_ids(hf, tokenizer))
+    model = HFModel(
+        hf=hf, tokenizer=tokenizer, name=name, eos_token_ids=_eos_ids(hf, tokenizer), runner=runner
+    )
     model.kernels = applied
     return model
 

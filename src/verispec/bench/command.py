@@ -126,6 +126,7 @@ def _load(spec: str, args: argparse.Namespace, *, role: str) -> Any:
             device=device,
             precision=precision,
             kernels=getattr(args, "kernels", "auto"),
+            runner=getattr(args, "runner", "auto"),
             vocab_limit=getattr(args, "draft_vocab", None) if role == "draft" else None,
             progress=True,
         )

@@ -1,0 +1,188 @@
+"""A lean forward pass for Llama-family decoders (Llama, Qwen2), used by :class:`HFModel`.
+
+transformers' generic forward spends several milliseconds per call in Python
+(mask construction, cache bookkeeping, dispatch), which is a large share of a
+small draft model's step on a CPU. This module runs the *same* modules (the
+same ``nn.Linear`` objects, so the same kernels: oneDNN-prepacked, int8, a
+trimmed head) with a direct loop and a preallocated KV cache:
+
+* the cache is one ``[kv_heads, capacity, head_dim]`` tensor per layer and
+  side; appending writes in place and rolling back just moves ``length``;
+* a pass over one new token needs no mask; a pass over several uses a
+  boolean causal mask against the cached positions;
+* RoPE, RMSNorm, GQA attention and the SwiGLU MLP follow the transformers
+  implementations operation by operation, so logits agree with
+  ``model.hf(...)`` to float rounding (tested within 1e-4).
+
+Only plain configurations are accepted (:func:`lean_unsupported` says why
+not otherwise); anything else keeps the transformers forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+LEAN_MODEL_TYPES = ("llama", "qwen2")
+
+
+def _rope_theta(config: Any) -> float | None:
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict):
+        if params.get("rope_type", "default") != "default":
+            return None
+        theta = params.get("rope_theta")
+        if theta is not None:
+            return float(theta)
+    if getattr(config, "rope_scaling", None):
+        return None
+    theta = getattr(config, "rope_theta", None)
+    return float(theta) if theta is not None else None
+
+
+def lean_unsupported(hf: Any) -> str | None:
+    """Why ``hf`` cannot take the lean forward, or None when it can."""
+    config = hf.config
+    model_type = getattr(config, "model_type", "")
+    if model_type not in LEAN_MODEL_TYPES:
+        return f"model type {model_type!r} (lean forward covers {', '.join(LEAN_MODEL_TYPES)})"
+    if _rope_theta(config) is None:
+        return "RoPE scaling"
+    if getattr(config, "use_sliding_window", False):
+        return "sliding-window attention"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1"
+    inner = getattr(hf, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
+        return "unexpected module layout"
+    return None
+
+
+class LeanCache:
+    """Per-layer K/V tensors ``[kv_heads, capacity, head_dim]``; the first ``length`` are valid."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: Any):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.shape = (layers, kv_heads, head_dim)
+        self.dtype = dtype
+        self.device = device
+        self.length = 0
+        self.capacity = 0
+
+    def reserve(self, needed: int, limit: int) -> None:
+        if needed <= self.capacity:
+            return
+        capacity = min(max(needed, 2 * self.capacity, 256), max(limit, needed))
+        layers, kv_heads, head_dim = self.shape
+        keys, values = [], []
+        for i in range(layers):
+            k = torch.empty(kv_heads, capacity, head_dim, dtype=self.dtype, device=self.device)
+            v = torch.empty_like(k)
+            if self.length:
+                k[:, : self.length] = self.keys[i][:, : self.length]
+                v[:, : self.length] = self.values[i][:, : self.length]
+            keys.append(k)
+            values.append(v)
+        self.keys, self.values, self.capacity = keys, values, capacity
+
+    def crop(self, n: int) -> None:
+        """Drop positions like ``DynamicCache.crop``: a negative ``n`` drops ``-n`` positions."""
+        self.length = self.length + n if n < 0 else min(n, self.length)
+
+
+class LeanRunner:
+    """Runs a transformers Llama/Qwen2 model's modules without transformers' forward."""
+
+    def __init__(self, hf: Any) -> None:
+        reason = lean_unsupported(hf)
+        if reason is not None:
+            raise ValueError(f"no lean forward for this model: {reason}")
+        config = hf.config
+        self.hf = hf
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        self.max_context = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        theta = _rope_theta(config)
+        assert theta is not None
+        param = next(hf.parameters())
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        self.inv_freq = (1.0 / (theta**exponents)).to(param.device)  # [head_dim / 2]
+        self.dtype = hf.model.embed_tokens.weight.dtype
+        self.device = param.device
+        self._cos = torch.empty(0, self.head_dim, device=self.device)
+        self._sin = torch.empty(0, self.head_dim, device=self.device)
+
+    def new_cache(self) -> LeanCache:
+        layers = len(self.hf.model.layers)
+        return LeanCache(layers, self.kv_heads, self.head_dim, self.dtype, self.device)
+
+    def _rope(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x [n, head_dim]
+        end = start + n
+        if end > self._cos.shape[0]:
+            size = min(max(end, 2 * self._cos.shape[0], 1024), max(self.max_context, end))
+            positions = torch.arange(size, device=self.device).float()
+            freqs = positions[:, None] * self.inv_freq[None, :]  # [size, head_dim / 2]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cos = emb.cos().to(self.dtype)
+            self._sin = emb.sin().to(self.dtype)
+        return self._cos[start:end], self._sin[start:end]
+
+    @staticmethod
+    def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * h.to(x.dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, cache: LeanCache, ids: torch.Tensor, num_logits: int) -> torch.Tensor:
+        """``ids`` [n] -> logits of the last ``num_logits`` positions, [num_logits, vocab]."""
+        n = int(ids.shape[0])
+        past = cache.length
+        cache.reserve(past + n, self.max_context)
+        cos, sin = self._rope(past, n)  # [n, head_dim]
+        inner = self.hf.model
+        x = inner.embed_tokens(ids)  # [n, hidden]
+        mask = None
+        if n > 1:
+            q_pos = torch.arange(past, past + n, device=self.device)[:, None]
+            mask = torch.arange(past + n, device=self.device)[None, :] <= q_pos  # [n, past + n]
+        scale = self.head_dim**-0.5
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            h = self._rms_norm(layer.input_layernorm, x)
+            q = attn.q_proj(h).view(n, self.heads, self.head_dim).transpose(0, 1)
+            k = attn.k_proj(h).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+            v = attn.v_proj(h).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+            q = self._rotate(q, cos, sin)  # [heads, n, head_dim]
+            keys, values = cache.keys[i], cache.values[i]
+            keys[:, past : past + n] = self._rotate(k, cos, sin)
+            values[:, past : past + n] = v
+            out = F.scaled_dot_product_attention(
+                q[None],
+                keys[None, :, : past + n],
+                values[None, :, : past + n],
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=self.heads != self.kv_heads,
+            )  # [1, heads, n, head_dim]
+            out = out[0].transpose(0, 1).reshape(n, self.heads * self.head_dim)
+            x = x + attn.o_proj(out)
+            mlp = layer.mlp
+            h = self._rms_norm(layer.post_attention_layernorm, x)
+            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        cache.length = past + n
+        x = self._rms_norm(inner.norm, x[n - num_logits :])
+        return self.hf.get_output_embeddings()(x)  # [num_logits, vocab]

@@ -1,0 +1,122 @@
+"""The lean forward pass gives transformers' logits (within 1e-4) with its own KV cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from helpers import plain_greedy
+
+from verispec.drafters import DraftModelDrafter
+from verispec.errors import InvalidArgumentError
+from verispec.generate import generate
+from verispec.lean import LeanCache, lean_unsupported
+from verispec.models import HFModel
+
+VOCAB = 300
+
+
+def _qwen2(**overrides: Any) -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+        **overrides,
+    )
+    return Qwen2ForCausalLM(config).float().eval()  # q/k/v carry biases in Qwen2
+
+
+def _llama(**overrides: Any) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,  # plain multi-head attention
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        tie_word_embeddings=True,
+        **overrides,
+    )
+    return LlamaForCausalLM(config).float().eval()
+
+
+@pytest.mark.parametrize("build", [_qwen2, _llama], ids=["qwen2", "llama"])
+def test_lean_logits_match_transformers_through_appends_and_rollbacks(build: Any) -> None:
+    hf = build()
+    lean = HFModel(hf=hf, tokenizer=None, name="lean", runner="lean")
+    ref = HFModel(hf=hf, tokenizer=None, name="ref", runner="hf")
+    assert lean.runner == "lean" and ref.runner == "hf"
+    tokens = torch.randint(0, VOCAB, (420,), generator=torch.Generator().manual_seed(2)).tolist()
+    lean_cache, ref_cache = lean.new_cache(), ref.new_cache()
+    assert isinstance(lean_cache.kv, LeanCache)
+    # Prefill, one token, a verification-sized chunk, a rollback, and a long chunk
+    # that outgrows the cache's first allocation (256 positions).
+    steps: list[tuple[str, Any]] = [
+        ("feed", tokens[:40]),
+        ("feed", tokens[40:41]),
+        ("feed", tokens[41:48]),
+        ("crop", 43),
+        ("feed", tokens[100:105]),
+        ("feed", tokens[105:106]),
+        ("crop", 10),
+        ("feed", tokens[200:420]),
+    ]
+    for action, arg in steps:
+        if action == "crop":
+            lean_cache.crop(arg)
+            ref_cache.crop(arg)
+            assert lean_cache.length == ref_cache.length == arg
+            continue
+        for num_logits in (None, 1):
+            if num_logits == 1:  # same positions again, asking for the last row only
+                lean_cache.crop(lean_cache.length - len(arg))
+                ref_cache.crop(ref_cache.length - len(arg))
+            got = lean.forward(lean_cache, arg, num_logits=num_logits)
+            want = ref.forward(ref_cache, arg, num_logits=num_logits)
+            assert got.shape == want.shape == ((num_logits or len(arg)), VOCAB)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert lean_cache.length == 230 and lean_cache.kv.capacity >= 230
+
+
+def test_lean_speculative_greedy_equals_plain_greedy() -> None:
+    target = HFModel(hf=_qwen2(), tokenizer=None, name="target")
+    draft_hf = _qwen2()
+    with torch.no_grad():  # a perturbed copy: a draft that is often but not always right
+        for p in draft_hf.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    draft = HFModel(hf=draft_hf, tokenizer=None, name="draft")
+    assert target.runner == draft.runner == "lean"  # auto picks lean for Qwen2
+    prompt = [5, 17, 99, 3, 5, 17, 42, 8]
+    result = generate(
+        target, DraftModelDrafter(draft, target=target), prompt, max_new_tokens=40,
+        num_draft_tokens=4,
+    )  # fmt: skip
+    assert result.token_ids == plain_greedy(target, prompt, 40)
+    assert 0 < result.stats.accepted < result.stats.drafted  # both paths were exercised
+
+
+def test_unsupported_models_fall_back_or_fail_clearly() -> None:
+    scaled = _llama(rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert lean_unsupported(scaled) == "RoPE scaling"
+    assert HFModel(hf=scaled, tokenizer=None, name="scaled").runner == "hf"  # auto falls back
+    with pytest.raises(InvalidArgumentError, match="no lean forward for RoPE scaling"):
+        HFModel(hf=scaled, tokenizer=None, name="scaled", runner="lean")
+    with pytest.raises(InvalidArgumentError, match="unknown runner 'fast'"):
+        HFModel(hf=_llama(), tokenizer=None, name="x", runner="fast")
+    sliding = _qwen2(use_sliding_window=True, sliding_window=16)
+    assert lean_unsupported(sliding) == "sliding-window attention"
