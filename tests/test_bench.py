@@ -124,6 +124,26 @@ def test_greedy_run_matches_plain_and_reports(tiny, tmp_path: Path, monkeypatch)
     assert k3["predicted_speedup"] == pytest.approx(4 / (1.3 + 3 * 0.1))
     assert summary["configs"]["lookup"]["all"]["alpha"] is not None
     assert summary["configs"]["hf-plain"]["all"]["acceptance_rate"] is None
+    # Loop overhead: verispec runs time their model forward passes; the peers cannot.
+    for record in bench.records:
+        if record.config in ("plain", "draft-k3", "lookup"):
+            assert record.time_forward is not None
+            assert 0 < record.time_forward <= record.time_total
+        else:
+            assert record.time_forward is None
+    share = k3["outside_forward_share"]
+    assert share is not None and 0.0 <= share < 1.0
+    assert summary["configs"]["hf-plain"]["all"]["outside_forward_share"] is None
+    # Decode speedup: the rate after the first pass, relative to plain's on the same turn.
+    plain_rec = next(r for r in bench.records if r.config == "plain" and r.set_name == "humaneval")
+    k3_rec = next(r for r in bench.records if r.config == "draft-k3" and r.set_name == "humaneval")
+    expected = (k3_rec.new_tokens - k3_rec.pass_tokens[0]) / (
+        k3_rec.time_total - k3_rec.pass_ends[0]
+    )
+    assert k3_rec.decode_tokens_per_second == pytest.approx(expected)
+    assert summary["configs"]["draft-k3"]["humaneval"]["decode_speedup_median"] == pytest.approx(
+        expected / plain_rec.decode_tokens_per_second
+    )
     setup = {
         "target": "tiny", "draft": "tiny", "sets": ["mtbench", "humaneval"],
         "max_new_tokens": 12, "num_units": 3, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
@@ -241,3 +261,16 @@ def test_draft_auto_runs_or_is_skipped_with_a_note() -> None:
         assert "draft-auto skipped" in bench.notes[0]
     else:
         assert all(r.matches_plain for r in bench.records)
+
+
+def test_set_sizes_override_the_default_count() -> None:
+    from verispec.bench.datasets import parse_set_sizes
+
+    sizes = parse_set_sizes("humaneval:3, mtbench ,gsm8k:1")
+    assert sizes == {"humaneval": 3, "mtbench": None, "gsm8k": 1}
+    prompts = load_prompts(list(sizes), num_prompts=2, seed=0, sizes=sizes)
+    counts = {name: sum(p.set_name == name for p in prompts) for name in sizes}
+    assert counts == {"humaneval": 3, "mtbench": 2, "gsm8k": 1}
+    for bad in ("humaneval:0", "humaneval:x", "nope:3", " , "):
+        with pytest.raises(InvalidArgumentError):
+            parse_set_sizes(bad)

@@ -96,3 +96,64 @@ def test_policy_learns_the_real_draft_cost() -> None:
         policy.observe_time(4, draft_seconds=0.4, verify_seconds=0.1)
     assert policy.c_draft == pytest.approx(1.0, rel=0.01)
     assert policy.choose() < k_cheap
+
+
+def _sources(target, drafter, prompt: list[int], n: int, k):
+    """Greedy speculation; returns the tokens and per-pass draft sources (free / model).
+
+    The draft costs what FLAT says: table models draft as slowly as they verify, and
+    the policy would learn that from the clock (observe_time), which is not under test.
+    """
+    from unittest import mock
+
+    from verispec.engine import speculate
+
+    sources, seq = [], None
+    with mock.patch.object(AdaptiveDraftLength, "observe_time"):
+        for event, seq in speculate(
+            target, drafter, prompt, max_new_tokens=n, num_draft_tokens=k, costs=FLAT
+        ):
+            if event.num_drafted:
+                sources.append("free" if seq.last_draft_free else "model")
+    assert seq is not None
+    return seq.generated, sources
+
+
+def test_hybrid_auto_leaves_a_misleading_lookup_for_the_model() -> None:
+    from verispec.drafters import Draft, HybridDrafter
+
+    target = TableModel(7, seed=3)
+
+    class MisleadingLookup:
+        """Always has a "match", always wrong: the target's greedy next token plus one."""
+
+        def propose(self, context, k, *, params, generator):
+            wrong = (int(target.logits_after(list(context)).argmax()) + 1) % 7
+            return Draft(tokens=[wrong] * k, free=True)
+
+    # The draft model is the target itself: always right.
+    hybrid = HybridDrafter(DraftModelDrafter(target, target=target))
+    hybrid.lookup = MisleadingLookup()  # type: ignore[assignment]
+    prompt = [1, 2, 3]
+    reference = plain_greedy(target, prompt, 80)
+    tokens, naive = _sources(target, hybrid, prompt, 80, 4)  # fixed k: lookup whenever it can
+    assert tokens == reference and naive == ["free"] * len(naive)
+    tokens, chosen = _sources(target, hybrid, prompt, 80, "auto")
+    assert tokens == reference
+    # The policy learns that lookup drafts fail and the model's succeed.
+    assert chosen.count("free") <= 6 and chosen[-5:] == ["model"] * 5, chosen
+
+
+def test_hybrid_auto_prefers_a_free_lookup_that_works() -> None:
+    from verispec.drafters import HybridDrafter
+
+    # Greedy decoding of a second-order Markov model soon cycles, so two-token n-gram
+    # lookups are right from then on; the draft model here is useless.
+    target, useless = TableModel(7, seed=3), TableModel(7, seed=99)
+    hybrid = HybridDrafter(DraftModelDrafter(useless, target=target), max_ngram=2, min_ngram=2)
+    tokens, chosen = _sources(target, hybrid, [1, 2, 3], 80, "auto")
+    assert tokens == plain_greedy(target, [1, 2, 3], 80)
+    # Before the output starts repeating there is no match and the model drafts; from
+    # the first match on, the free lookup wins every pass.
+    first = chosen.index("free")
+    assert chosen[first:] == ["free"] * (len(chosen) - first) and len(chosen) - first >= 5

@@ -77,7 +77,7 @@ def measure_costs(
     target: LanguageModel,
     draft: LanguageModel | None,
     *,
-    max_k: int = 12,
+    max_k: int = 16,
     context_length: int = 100,
     repeats: int = 2,
 ) -> CostModel:
@@ -100,7 +100,7 @@ def cached_costs(
     target: LanguageModel,
     draft: LanguageModel | None,
     *,
-    max_k: int = 12,
+    max_k: int = 16,
 ) -> CostModel:
     """:func:`measure_costs`, measured once per (machine, models, kernels) key and kept on disk."""
     path = cache_dir / "costs" / f"{key}.json"
@@ -141,6 +141,7 @@ class AdaptiveDraftLength:
     probe_every: int = 8
     max_k: int | None = None
     c_draft: float = -1.0  # running estimate; -1 = take the calibrated value
+    alpha_free: float = 0.5  # acceptance of free drafts (prompt lookup), tracked apart
     _passes_without_draft: int = field(default=0, repr=False)
     _drafted_last_pass: bool = field(default=False, repr=False)
 
@@ -158,16 +159,37 @@ class AdaptiveDraftLength:
                 return 1
         return k
 
-    def observe(self, drafted: int, accepted: int) -> None:
+    def model_speedup(self, k: int) -> float:
+        """Predicted speedup of drafting k tokens with the draft model (1.0 for k = 0)."""
+        if k <= 0:
+            return 1.0
+        k = min(k, self.costs.max_k)
+        return expected_tokens(self.alpha, k) / (self.costs.c_verify[k] + k * self.c_draft)
+
+    def choose_free(self, available: int) -> tuple[int, float]:
+        """Best length (<= ``available``) of a draft that costs nothing, and its predicted
+        speedup; (0, 1.0) when none beats plain decoding."""
+        best, best_speedup = 0, 1.0
+        for k in range(1, min(available, self.costs.max_k) + 1):
+            s = expected_tokens(self.alpha_free, k) / self.costs.c_verify[k]
+            if s > best_speedup * 1.02:
+                best, best_speedup = k, s
+        return best, best_speedup
+
+    def observe(self, drafted: int, accepted: int, *, free: bool = False) -> None:
         """Update alpha from one verification: ``accepted`` of ``drafted`` kept.
 
         Positions after the first rejection were never tested, so only the
-        accepted ones and the first rejected one count as observations.
+        accepted ones and the first rejected one count as observations. Free
+        drafts (prompt lookup) update ``alpha_free`` instead of ``alpha``.
         """
         observed = min(drafted, accepted + 1)
         for i in range(observed):
             hit = 1.0 if i < accepted else 0.0
-            self.alpha = self.decay * self.alpha + (1 - self.decay) * hit
+            if free:
+                self.alpha_free = self.decay * self.alpha_free + (1 - self.decay) * hit
+            else:
+                self.alpha = self.decay * self.alpha + (1 - self.decay) * hit
 
     def observe_time(self, drafted: int, draft_seconds: float, verify_seconds: float) -> None:
         """Update c_draft from one pass's real draft and verification times.
@@ -208,6 +230,7 @@ def costs_for(
         draft.name if draft is not None else "-",
         getattr(draft, "kernels", "") if draft is not None else "",
         getattr(draft, "runner", "") if draft is not None else "",
+        str(getattr(draft, "vocab_limit", None)),
         str(torch.get_num_threads()),
         torch.__version__,
         platform.processor() or platform.machine(),

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from verispec.costs import AdaptiveDraftLength
 from verispec.errors import InvalidArgumentError
 from verispec.models import LanguageModel, check_tokenizers_compatible
 from verispec.sampling import SamplingParams, sample, warp
@@ -185,11 +186,16 @@ class PromptLookupDrafter:
 class HybridDrafter:
     """Prompt lookup where the context repeats itself, the draft model elsewhere.
 
-    A lookup draft costs nothing, so whenever the context's last ``min_ngram``
-    tokens occurred before, their continuation is proposed (one-hot); otherwise
-    the draft model drafts. Each pass's proposal is valid on its own, so
-    verification stays exact. The draft model catches up on skipped tokens the
-    next time it is asked.
+    A lookup draft costs nothing. Without a policy, whenever the context's last
+    ``min_ngram`` tokens occurred before, their continuation is proposed
+    (one-hot); otherwise the draft model drafts. Under the adaptive policy
+    (:meth:`_HybridProposer.attach_policy`, done by the engine for
+    ``num_draft_tokens="auto"``) each pass takes the source with the higher
+    predicted speedup, from separate running acceptance rates of lookup and
+    model drafts: in prose, where n-gram matches mislead, the model wins; in
+    code that repeats its prompt, the free lookup does. Each pass's proposal is
+    valid on its own, so verification stays exact. The draft model catches up
+    on skipped tokens the next time it is asked.
     """
 
     def __init__(self, model_drafter: DraftModelDrafter, *, max_ngram: int = 3, min_ngram: int = 2):
@@ -206,6 +212,11 @@ class _HybridProposer:
     def __init__(self, lookup: PromptLookupDrafter, model: _DraftModelProposer) -> None:
         self.lookup = lookup
         self.model = model
+        self.policy: AdaptiveDraftLength | None = None
+
+    def attach_policy(self, policy: AdaptiveDraftLength) -> None:
+        """Let ``policy`` pick the source and the length of every draft (``k`` is then a cap)."""
+        self.policy = policy
 
     def propose(
         self,
@@ -216,6 +227,13 @@ class _HybridProposer:
         generator: torch.Generator,
     ) -> Draft:
         draft = self.lookup.propose(context, k, params=params, generator=generator)
+        if self.policy is None:
+            if draft.tokens:
+                return draft
+            return self.model.propose(context, k, params=params, generator=generator)
+        k_model = min(self.policy.choose(), k)
         if draft.tokens:
-            return draft
-        return self.model.propose(context, k, params=params, generator=generator)
+            k_free, free_speedup = self.policy.choose_free(len(draft.tokens))
+            if k_free > 0 and free_speedup >= self.policy.model_speedup(k_model):
+                return Draft(tokens=draft.tokens[:k_free], free=True)
+        return self.model.propose(context, k_model, params=params, generator=generator)

@@ -58,6 +58,7 @@ class SequenceState:
     stats: GenerationStats = field(default_factory=GenerationStats)
     policy: AdaptiveDraftLength | None = None  # chooses k per pass when drafting is adaptive
     last_draft_free: bool = False  # the last pass's draft cost nothing (a prompt lookup)
+    proposer_chooses: bool = False  # the proposer asks the policy itself (k is only a cap)
     finish_reason: str | None = None
     started_at: float = field(default_factory=time.perf_counter)
 
@@ -226,6 +227,10 @@ def speculate(
     seq = start_sequence(target, drafter, prompt_ids, params=params, max_new_tokens=max_new_tokens)
     if num_draft_tokens == "auto" and costs is not None:
         seq.policy = AdaptiveDraftLength(costs)
+        attach = getattr(seq.proposer, "attach_policy", None)
+        if attach is not None:  # a proposer that chooses among sources (HybridDrafter)
+            attach(seq.policy)
+            seq.proposer_chooses = True
     fixed_k = num_draft_tokens if isinstance(num_draft_tokens, int) else 0
     return _run(target, seq, fixed_k)
 
@@ -234,11 +239,16 @@ def _run(
     target: LanguageModel, seq: SequenceState, fixed_k: int
 ) -> Generator[tuple[StepEvent, SequenceState], None, None]:
     while seq.finish_reason is None:
-        k = seq.policy.choose() if seq.policy is not None else fixed_k
+        if seq.policy is None:
+            k = fixed_k
+        elif seq.proposer_chooses:
+            k = seq.policy.costs.max_k
+        else:
+            k = seq.policy.choose()
         draft_before, verify_before = seq.stats.time_draft, seq.stats.time_verify
         event = step(target, seq, k)
         if seq.policy is not None:
-            seq.policy.observe(event.num_drafted, event.num_accepted)
+            seq.policy.observe(event.num_drafted, event.num_accepted, free=seq.last_draft_free)
             seq.policy.observe_time(
                 0 if seq.last_draft_free else event.num_drafted,
                 seq.stats.time_draft - draft_before,

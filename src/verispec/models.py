@@ -101,6 +101,7 @@ class HFModel:
         self.max_context: int = int(getattr(config, "max_position_embeddings", 0) or 2048)
         self.device: torch.device = next(self.hf.parameters()).device
         self.kernels: str = "default"  # what verispec.kernels.optimize applied
+        self.vocab_limit: int | None = None  # a trimmed head scores only this many ids
 
     def new_cache(self) -> HFCache:
         if self.lean is not None:
@@ -217,6 +218,7 @@ def load_model(
         hf=hf, tokenizer=tokenizer, name=name, eos_token_ids=_eos_ids(hf, tokenizer), runner=runner
     )
     model.kernels = applied
+    model.vocab_limit = vocab_limit
     return model
 
 

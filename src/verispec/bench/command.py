@@ -48,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--target", default=None, help=f"target model ({presets.DEFAULT_TARGET})")
     parser.add_argument("--draft", default=None, help=f"draft model ({presets.DEFAULT_DRAFT})")
-    parser.add_argument("--sets", default="mtbench,humaneval,gsm8k", help="prompt sets")
+    parser.add_argument(
+        "--sets",
+        default="mtbench,humaneval,gsm8k",
+        help="prompt sets, each with an optional count that overrides --num-prompts "
+        "(e.g. humaneval:6,mtbench:8,gsm8k)",
+    )
     parser.add_argument("--num-prompts", type=int, default=None, help="prompts per set (10)")
     parser.add_argument(
         "--configs",
@@ -160,7 +165,7 @@ def calibrate(target: Any, draft: Any, max_k: int) -> dict[str, Any] | None:
 
 def run(args: argparse.Namespace) -> int:
     from verispec import presets
-    from verispec.bench.datasets import load_prompts, parse_sets
+    from verispec.bench.datasets import load_prompts, parse_set_sizes
     from verispec.bench.plots import write_plots
     from verispec.bench.report import machine_info, summarize, write_results
     from verispec.bench.runner import parse_configs, run_bench
@@ -180,8 +185,9 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
     configs = parse_configs(pick["configs"], ks=args.k, lookup_k=args.lookup_k)
-    sets = parse_sets(args.sets)
-    prompts = load_prompts(sets, num_prompts=pick["num_prompts"], seed=args.seed)
+    sizes = parse_set_sizes(args.sets)
+    sets = list(sizes)
+    prompts = load_prompts(sets, num_prompts=pick["num_prompts"], seed=args.seed, sizes=sizes)
 
     target = _load(target_spec, args, role="target")
     needs_draft = any(c.drafter in ("model", "hybrid") for c in configs)
@@ -212,7 +218,9 @@ def run(args: argparse.Namespace) -> int:
         "target_kernels": getattr(target, "kernels", None),
         "draft_kernels": getattr(draft, "kernels", None),
         "sets": sets,
-        "num_prompts_per_set": pick["num_prompts"],
+        "num_prompts_per_set": {
+            name: sum(1 for p in prompts if p.set_name == name) for name in sets
+        },
         "num_units": len({(r.prompt_id, r.turn) for r in bench.records}),
         "max_new_tokens": pick["max_new_tokens"],
         "temperature": args.temperature,

@@ -136,21 +136,44 @@ def subset(items: Sequence[BenchPrompt], n: int, *, seed: int) -> list[BenchProm
     return [items[i] for i in sorted(picked)]
 
 
+def parse_set_sizes(text: str) -> dict[str, int | None]:
+    """``"humaneval:6,mtbench"`` -> ``{"humaneval": 6, "mtbench": None}`` (None: --num-prompts)."""
+    sizes: dict[str, int | None] = {}
+    for part in (s.strip().lower() for s in text.split(",")):
+        if not part:
+            continue
+        name, _, count = part.partition(":")
+        name = name.strip()
+        if name not in LOADERS:
+            raise InvalidArgumentError(
+                f"unknown prompt set {name!r}; choose from {', '.join(SETS)}"
+            )
+        if count:
+            if not count.strip().isdigit() or int(count) < 1:
+                raise InvalidArgumentError(
+                    f"prompt count of set {name!r} must be a positive integer, got {count!r}"
+                )
+            sizes[name] = int(count)
+        else:
+            sizes.setdefault(name, None)
+    if not sizes:
+        raise InvalidArgumentError(f"no prompt set in {text!r}; choose from {', '.join(SETS)}")
+    return sizes
+
+
 def parse_sets(text: str) -> list[str]:
-    names = [s.strip().lower() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in LOADERS]
-    if not names or unknown:
-        raise InvalidArgumentError(
-            f"unknown prompt set {', '.join(unknown) or text!r}; choose from {', '.join(SETS)}"
-        )
-    return list(dict.fromkeys(names))
+    return list(parse_set_sizes(text))
 
 
-def load_prompts(sets: Sequence[str], *, num_prompts: int, seed: int) -> list[BenchPrompt]:
-    """``num_prompts`` prompts of each set in ``sets`` (a fixed-seed subset)."""
+def load_prompts(
+    sets: Sequence[str], *, num_prompts: int, seed: int, sizes: dict[str, int | None] | None = None
+) -> list[BenchPrompt]:
+    """``num_prompts`` prompts of each set in ``sets`` (a fixed-seed subset);
+    ``sizes`` overrides the count per set."""
     if num_prompts < 1:
         raise InvalidArgumentError(f"--num-prompts must be >= 1, got {num_prompts}")
     prompts: list[BenchPrompt] = []
     for name in sets:
-        prompts.extend(subset(LOADERS[name](), num_prompts, seed=seed))
+        n = (sizes or {}).get(name) or num_prompts
+        prompts.extend(subset(LOADERS[name](), n, seed=seed))
     return prompts

@@ -7,12 +7,17 @@ MT-bench category):
   (robust to a burst of load on a shared machine; the aggregate is in results.json);
 - speedup: per prompt, tokens/s over the plain configuration's on the same
   prompt; median and min..max over prompts;
+- decode speedup: the same ratio after the first pass (tokens after the first
+  pass / time after it): what speculation changes, with the prompt pass, which
+  it cannot speed up, left out. The predicted speedup is a prediction of this one;
 - acceptance rate (accepted / drafted), tokens per target pass, acceptance by
   draft position (P(draft token i kept | i tokens were drafted));
 - time to first token (median); per-token latency p50 / p95 (each pass's
   latency divided by its tokens, pooled over runs, first pass excluded);
 - time split: target prompt pass / drafting (the draft model's own prompt pass
   included) / target passes and verification / other;
+- outside forward: share of wall time spent outside target and draft forward
+  passes (the decoding loop's own overhead: sampling, verification, bookkeeping);
 - predicted speedup E(alpha, k) / (c_verify(k) + k c_draft), with c_verify and
   c_draft measured at the start of the run and alpha solved from the observed
   accepted drafts per drafting pass, sum_{i=1..k} alpha^i.
@@ -109,6 +114,12 @@ def _group_stats(
         for r in runs
         if plain[(r.prompt_id, r.turn)].tokens_per_second > 0
     ]
+    decode_speedups = [
+        r.decode_tokens_per_second / plain[(r.prompt_id, r.turn)].decode_tokens_per_second
+        for r in runs
+        if plain[(r.prompt_id, r.turn)].decode_tokens_per_second > 0
+    ]
+    forward = _sum([r.time_forward for r in runs])
     latencies = [t for r in runs for t in r.token_latencies()]
     drafted, accepted = _sum([r.drafted for r in runs]), _sum([r.accepted for r in runs])
     split = {
@@ -124,6 +135,10 @@ def _group_stats(
         "speedup_median": statistics.median(speedups) if speedups else None,
         "speedup_min": min(speedups, default=None),
         "speedup_max": max(speedups, default=None),
+        "decode_speedup_median": statistics.median(decode_speedups) if decode_speedups else None,
+        "outside_forward_share": (
+            1.0 - forward / total_time if forward is not None and total_time > 0 else None
+        ),
         "tokens_per_pass": new_tokens / passes if passes else None,
         "acceptance_rate": accepted / drafted if drafted and accepted is not None else None,
         "acceptance_by_position": _position_rates(runs),
@@ -213,10 +228,10 @@ def markdown(
             "",
         ]
     lines += [
-        "| config | tokens/s (median) | speedup median (min–max) | predicted | acceptance "
-        "| tokens/pass | TTFT s | ms/token p50 / p95 | prompt / draft / verify / other "
-        "| greedy = plain |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| config | tokens/s (median) | speedup median (min–max) | decode speedup | predicted "
+        "| acceptance | tokens/pass | TTFT s | ms/token p50 / p95 "
+        "| prompt / draft / verify / other | outside forward | greedy = plain |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for config in run.configs:
         s = summary["configs"][config.name]["all"]
@@ -236,22 +251,28 @@ def markdown(
             f"| {config.name} | {s['tokens_per_second']:.2f} "
             f"| {_fmt(s['speedup_median'], '.2f', 'x')} "
             f"({_fmt(s['speedup_min'])}–{_fmt(s['speedup_max'])}) "
+            f"| {_fmt(s['decode_speedup_median'], '.2f', 'x')} "
             f"| {_fmt(s['predicted_speedup'], '.2f', 'x')} | {_fmt(s['acceptance_rate'], '.0%')} "
             f"| {_fmt(s['tokens_per_pass'])} | {s['time_to_first_token_median']:.2f} "
             f"| {_fmt(s['latency_p50_ms'], '.0f')} / {_fmt(s['latency_p95_ms'], '.0f')} "
-            f"| {split_text} | {check} |"
+            f"| {split_text} | {_fmt(s['outside_forward_share'], '.1%')} | {check} |"
         )
     others = [c.name for c in run.configs if c.name != "plain"]
     lines += [
         "",
-        "Median speedup over plain by category:",
+        "Median speedup over plain by category (whole generation / after the first pass):",
         "",
         "| category | plain tokens/s (median) | " + " | ".join(others) + " |",
         "|---|---:|" + "---:|" * len(others),
     ]
     for group in summary["groups"]:
         plain_tps = summary["configs"]["plain"][group]["tokens_per_second"]
-        cells = [_fmt(summary["configs"][c][group]["speedup_median"], ".2f", "x") for c in others]
+        cells = [
+            _fmt(summary["configs"][c][group]["speedup_median"], ".2f", "x")
+            + " / "
+            + _fmt(summary["configs"][c][group]["decode_speedup_median"], ".2f", "x")
+            for c in others
+        ]
         lines.append(f"| {group} | {plain_tps:.2f} | " + " | ".join(cells) + " |")
     drafting = [c.name for c in run.configs if c.engine == "verispec" and c.speculative]
     width = max(
@@ -297,6 +318,7 @@ def write_results(
             new_tokens=r.new_tokens,
             tokens_per_second=r.tokens_per_second,
             time_to_first_token=r.time_to_first_token,
+            decode_tokens_per_second=r.decode_tokens_per_second,
         )
         records.append(row)
     payload = {

@@ -114,6 +114,7 @@ class RunRecord:
     time_draft: float | None = None
     time_verify: float | None = None
     time_overhead: float | None = None
+    time_forward: float | None = None  # inside target and draft forward passes (verispec only)
     matches_plain: bool | None = None  # greedy only
     first_mismatch: int | None = None  # index of the first differing token
 
@@ -128,6 +129,15 @@ class RunRecord:
     @property
     def time_to_first_token(self) -> float:
         return self.pass_ends[0] if self.pass_ends else self.time_total
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first pass over the time after it: the rate once the prompt is in."""
+        if len(self.pass_ends) < 2:
+            return 0.0
+        tokens = self.new_tokens - self.pass_tokens[0]
+        seconds = self.time_total - self.pass_ends[0]
+        return tokens / seconds if seconds > 0 else 0.0
 
     def token_latencies(self) -> list[float]:
         """Seconds per token after the first pass: each pass's latency / its tokens, per token."""
@@ -156,8 +166,30 @@ class _Unit:
     seed: int | None
 
 
+class _TimedModel:
+    """A model whose ``forward`` calls add up their wall time in ``seconds``."""
+
+    def __init__(self, model: LanguageModel) -> None:
+        self.model = model
+        self.seconds = 0.0
+
+    def forward(self, cache: Any, tokens: list[int], *, num_logits: int | None = None) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.model.forward(cache, tokens, num_logits=num_logits)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
 class Runner:
-    """Runs configurations on units; holds the models and the drafters built from them."""
+    """Runs configurations on units; holds the models and the drafters built from them.
+
+    verispec runs go through :class:`_TimedModel` wrappers, so that the time
+    spent outside model forward passes (the loop's own overhead) is measured.
+    """
 
     def __init__(
         self,
@@ -173,7 +205,17 @@ class Runner:
         self.draft = draft
         self.max_new_tokens = max_new_tokens
         self.params = params
-        self._drafter = DraftModelDrafter(draft, target=target) if draft is not None else None
+        self._timed_target = _TimedModel(target)
+        self._timed_draft = _TimedModel(draft) if draft is not None else None
+        self._drafter = (
+            DraftModelDrafter(self._timed_draft, target=self._timed_target)  # type: ignore[arg-type]
+            if self._timed_draft is not None
+            else None
+        )
+
+    def _forward_seconds(self) -> float:
+        draft = self._timed_draft.seconds if self._timed_draft is not None else 0.0
+        return self._timed_target.seconds + draft
 
     def _drafter_for(self, config: BenchConfig) -> Any:
         if config.drafter == "lookup":
@@ -216,9 +258,10 @@ class Runner:
                 pass_ends=tuple(peer.pass_ends),
                 pass_tokens=tuple(peer.pass_tokens),
             )
+        forward_before = self._forward_seconds()
         start = time.perf_counter()
         generation = stream(
-            self.target,
+            self._timed_target,  # type: ignore[arg-type]
             self._drafter_for(config),
             list(unit.prompt_ids),
             max_new_tokens=max_new_tokens,
@@ -251,6 +294,7 @@ class Runner:
             time_overhead=max(
                 0.0, total - stats.time_prefill - stats.time_draft - stats.time_verify
             ),
+            time_forward=self._forward_seconds() - forward_before,
         )
 
     def answer_greedily(self, unit: _Unit) -> list[int]:
