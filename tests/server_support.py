@@ -100,3 +100,22 @@ def wait_until(condition: Any, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return condition()
+
+
+def tiny_target() -> Any:
+    """The tiny chat-capable target that the server tests share."""
+    return tiny_llama(seed=0, tokenizer=chat_tokenizer())
+
+
+@contextmanager
+def tiny_server(target: Any) -> Iterator[RunningServer]:
+    """A running server on ``target`` with a noisy-copy draft model (k = 3, 16 default tokens)."""
+    from verispec.drafters import DraftModelDrafter
+    from verispec.server.app import create_app
+    from verispec.server.scheduler import Scheduler
+
+    drafter = DraftModelDrafter(noisy_copy(target), target=target)
+    scheduler = Scheduler(target, drafter, max_batch=8, max_queue=64, num_draft_tokens=3)
+    app = create_app(scheduler, model_name="tiny", max_tokens=16, max_tokens_limit=64)
+    with serve(app, scheduler) as running:
+        yield running

@@ -8,10 +8,15 @@ import threading
 import httpx
 import openai
 import pytest
-from helpers import tiny_llama
-from server_support import GateDrafter, chat_tokenizer, noisy_copy, serve, wait_until
+from server_support import (
+    GateDrafter,
+    serve,
+    tiny_server,
+    tiny_target,
+    wait_until,
+)
 
-from verispec import DraftModelDrafter, generate
+from verispec import generate
 from verispec.server.app import create_app
 from verispec.server.scheduler import Scheduler
 
@@ -21,15 +26,12 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 @pytest.fixture(scope="module")
 def target():
-    return tiny_llama(seed=0, tokenizer=chat_tokenizer())
+    return tiny_target()
 
 
 @pytest.fixture(scope="module")
 def server(target):
-    drafter = DraftModelDrafter(noisy_copy(target), target=target)
-    scheduler = Scheduler(target, drafter, max_batch=8, max_queue=64, num_draft_tokens=3)
-    app = create_app(scheduler, model_name="tiny", max_tokens=16, max_tokens_limit=64)
-    with serve(app, scheduler) as running:
+    with tiny_server(target) as running:
         yield running
 
 

@@ -12,7 +12,6 @@ import openai
 import psutil
 import pytest
 import schemathesis
-from helpers import tiny_llama
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import (
@@ -21,24 +20,27 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from server_support import GateDrafter, chat_tokenizer, noisy_copy, serve, wait_until
+from server_support import (
+    GateDrafter,
+    serve,
+    tiny_server,
+    tiny_target,
+    wait_until,
+)
 
-from verispec import DraftModelDrafter, generate
+from verispec import generate
 from verispec.server.app import create_app
 from verispec.server.scheduler import Scheduler
 
 
 @pytest.fixture(scope="module")
 def target():
-    return tiny_llama(seed=0, tokenizer=chat_tokenizer())
+    return tiny_target()
 
 
 @pytest.fixture(scope="module")
 def server(target):
-    drafter = DraftModelDrafter(noisy_copy(target), target=target)
-    scheduler = Scheduler(target, drafter, max_batch=8, max_queue=64, num_draft_tokens=3)
-    app = create_app(scheduler, model_name="tiny", max_tokens=16, max_tokens_limit=64)
-    with serve(app, scheduler) as running:
+    with tiny_server(target) as running:
         yield running
 
 

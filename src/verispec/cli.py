@@ -44,6 +44,21 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def add_pair_options(
+    parser: argparse.ArgumentParser, *, drafters: list[str], drafter_help: str
+) -> None:
+    """--target, --draft and --drafter, shared by the commands that generate."""
+    from verispec import presets
+
+    parser.add_argument(
+        "--target", default=presets.DEFAULT_TARGET, help="preset, local folder, GGUF file or hub id"
+    )
+    parser.add_argument(
+        "--draft", default=presets.DEFAULT_DRAFT, help="draft model for --drafter model"
+    )
+    parser.add_argument("--drafter", choices=drafters, default="model", help=drafter_help)
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads models."""
     parser.add_argument(
@@ -81,7 +96,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from verispec import presets
 
     parser = argparse.ArgumentParser(
         prog="verispec", description="Lossless speculative decoding for open language models."
@@ -92,18 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "prompt", nargs="?", default=DEFAULT_PROMPT, help="the prompt (a default is provided)"
     )
-    gen.add_argument(
-        "--target", default=presets.DEFAULT_TARGET, help="preset, local folder, GGUF file or hub id"
-    )
-    gen.add_argument(
-        "--draft", default=presets.DEFAULT_DRAFT, help="draft model for --drafter model"
-    )
-    gen.add_argument(
-        "--drafter",
-        choices=["model", "prompt-lookup", "hybrid", "none"],
-        default="model",
-        help="where draft tokens come from: a draft model, prompt lookup, hybrid (lookup where "
-        "the text repeats, the model elsewhere) or none (plain decoding through the same loop)",
+    add_pair_options(
+        gen,
+        drafters=["model", "prompt-lookup", "hybrid", "none"],
+        drafter_help="where draft tokens come from: a draft model, prompt lookup, hybrid (lookup "
+        "where the text repeats, the model elsewhere) or none (plain decoding through the same "
+        "loop)",
     )
     gen.add_argument(
         "--num-draft-tokens",

@@ -7,26 +7,17 @@ import logging
 import sys
 from typing import Any
 
-from verispec.cli import draft_length
+from verispec.cli import add_pair_options, draft_length
 from verispec.errors import InvalidArgumentError
 
 DEFAULT_MAX_K = 8  # longest draft the "auto" policy may choose
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from verispec import presets
-
-    parser.add_argument(
-        "--target", default=presets.DEFAULT_TARGET, help="preset, folder, GGUF or hub id"
-    )
-    parser.add_argument(
-        "--draft", default=presets.DEFAULT_DRAFT, help="draft model for --drafter model"
-    )
-    parser.add_argument(
-        "--drafter",
-        choices=["model", "prompt-lookup", "none"],
-        default="model",
-        help="where draft tokens come from (none: no speculation)",
+    add_pair_options(
+        parser,
+        drafters=["model", "prompt-lookup", "none"],
+        drafter_help="where draft tokens come from (none: no speculation)",
     )
     parser.add_argument(
         "--num-draft-tokens",
