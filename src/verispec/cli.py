@@ -109,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_pair_options(
         gen,
         drafters=["model", "prompt-lookup", "hybrid", "none"],
-        drafter_help="where draft tokens come from: a draft model, prompt lookup, hybrid (lookup "
-        "where the text repeats, the model elsewhere) or none (plain decoding through the same "
-        "loop)",
+        drafter_help="where draft tokens come from: a draft model, prompt lookup, hybrid (per "
+        "pass, prompt lookup or the draft model, whichever its acceptance rates predict to be "
+        "faster) or none (plain decoding through the same loop)",
     )
     gen.add_argument(
         "--num-draft-tokens",
