@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from verispec.errors import InvalidArgumentError
-from verispec.sampling import SamplingParams, warp
+from verispec.sampling import TOP_P_CANDIDATES, SamplingParams, sample, warp
 
 
 def test_temperature_scales_logits() -> None:
@@ -35,6 +35,43 @@ def test_top_p_never_empties_a_row() -> None:
     assert probs[0].tolist() == [1.0, 0.0, 0.0]
     tiny = warp(torch.tensor([[1.0, 2.0, 0.0]]), SamplingParams(temperature=1.0, top_p=1e-45))
     assert tiny[0].tolist() == [0.0, 1.0, 0.0]  # a top_p that rounds to 0 in float32
+
+
+def _nucleus_by_sorting(probs: torch.Tensor, top_p: float) -> torch.Tensor:  # [vocab] bool
+    ranked, order = torch.sort(probs, descending=True)
+    keep = (torch.cumsum(ranked, 0) - ranked) < top_p
+    keep[0] = True
+    return torch.zeros_like(keep).scatter(0, order, keep)
+
+
+def test_top_p_finds_the_nucleus_among_candidates_and_beyond_them() -> None:
+    # Row 0 is peaked (its nucleus lies in the first candidates); row 1 is nearly flat,
+    # so its nucleus holds far more than TOP_P_CANDIDATES tokens (the sorting fallback).
+    vocab = 20 * TOP_P_CANDIDATES
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, vocab, generator=gen)
+    logits[0] *= 8.0
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    probs = warp(logits, params)
+    sizes = (probs > 0).sum(-1).tolist()
+    assert sizes[0] < TOP_P_CANDIDATES < sizes[1]
+    for row in range(2):
+        full = torch.softmax(logits[row], -1)
+        assert torch.equal(probs[row] > 0, _nucleus_by_sorting(full, 0.9))
+        kept = full * (probs[row] > 0)
+        torch.testing.assert_close(probs[row], kept / kept.sum())
+
+
+def test_sample_follows_the_distribution_and_never_draws_a_zero() -> None:
+    probs = torch.zeros(1000)
+    probs[[3, 500, 999]] = torch.tensor([0.2, 0.5, 0.3])
+    gen = torch.Generator().manual_seed(1)
+    draws = [sample(probs, gen) for _ in range(4000)]
+    assert set(draws) <= {3, 500, 999}
+    # Binomial standard deviation at n = 4000 is at most 0.008; 0.03 is about 4 of them.
+    for token, p in ((3, 0.2), (500, 0.5), (999, 0.3)):
+        assert abs(draws.count(token) / 4000 - p) < 0.03
+    assert sample(torch.tensor([0.0, 2.0, 0.0]), gen) == 1  # unnormalised weights work
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,12 @@ class SamplingParams:
         return gen
 
 
+# top-p first looks for the nucleus among this many most likely tokens (a partial
+# top-k is ~40x cheaper than sorting a 150k vocabulary) and sorts everything only
+# when their mass stays below p.
+TOP_P_CANDIDATES = 256
+
+
 def warp(
     logits: torch.Tensor,  # [n, vocab] any float dtype
     params: SamplingParams,
@@ -71,20 +77,44 @@ def warp(
     if 0 < params.top_k < vocab:
         kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]  # [n, 1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        sorted_probs = torch.softmax(sorted_scores, dim=-1)
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of better tokens
-        drop_sorted = mass_before >= params.top_p
-        drop_sorted[..., 0] = False  # the most likely token is never dropped
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)  # [n, vocab]
+    if params.top_p >= 1.0:
+        return probs
+    top, order = torch.topk(probs, min(TOP_P_CANDIDATES, vocab), dim=-1)  # [n, c], descending
+    out = _nucleus(probs, top, order, params.top_p)
+    wide = (top.sum(-1) < params.top_p).nonzero().squeeze(-1)  # rows whose nucleus is wider
+    if wide.numel() and top.shape[-1] < vocab:
+        top, order = torch.sort(probs[wide], dim=-1, descending=True)
+        out[wide] = _nucleus(probs[wide], top, order, params.top_p)
+    return out
+
+
+def _nucleus(
+    probs: torch.Tensor,  # [n, vocab]
+    top: torch.Tensor,  # [n, c] the c largest probabilities per row, descending
+    order: torch.Tensor,  # [n, c] their token ids
+    top_p: float,
+) -> torch.Tensor:  # [n, vocab]: the nucleus renormalised, zeros elsewhere
+    mass_before = torch.cumsum(top, dim=-1) - top  # mass of the better tokens
+    keep = mass_before < top_p
+    keep[..., 0] = True  # the most likely token is never dropped
+    kept = torch.where(keep, top, torch.zeros_like(top))
+    out = torch.zeros_like(probs).scatter_(-1, order, kept)
+    return out / out.sum(-1, keepdim=True)
 
 
 def sample(
-    probs: torch.Tensor,  # [vocab]
+    probs: torch.Tensor,  # [vocab], non-negative, not all zero
     generator: torch.Generator,
 ) -> int:
-    """Draw one token id from a probability vector."""
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    """Draw one token id from a probability vector (need not be normalised).
+
+    Inverse-CDF sampling in float64 over the tokens with non-zero probability:
+    after top-p or top-k these are few, which makes this ~20x cheaper than
+    ``torch.multinomial`` over a whole vocabulary.
+    """
+    support = probs.nonzero().squeeze(-1)  # [m]
+    cdf = torch.cumsum(probs[support].double(), dim=0)  # [m]
+    u = torch.rand(1, generator=generator, dtype=torch.float64) * cdf[-1]
+    i = int(torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1).item())
+    return int(support[i].item())

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from verispec.sampling import sample
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -122,7 +124,7 @@ def rejection_sample(
             i = int(rejected[0].item())
             row_draft = p_draft[i] if p_draft is not None else None
             dist = residual_distribution(p_target[i], row_draft, draft_tokens[i])
-            token = int(torch.multinomial(dist, 1, generator=generator).item())
+            token = sample(dist, generator)
             return Verdict(num_accepted=i, next_token=token)
-    bonus = int(torch.multinomial(p_target[k], 1, generator=generator).item())
+    bonus = sample(p_target[k], generator)
     return Verdict(num_accepted=k, next_token=bonus)
