@@ -12,7 +12,14 @@ from helpers import byte_tokenizer, tiny_llama
 
 from verispec.bench import runner as runner_module
 from verispec.bench.datasets import BenchPrompt, load_prompts, parse_sets, subset
-from verispec.bench.report import markdown, solve_alpha, summarize, write_results
+from verispec.bench.report import (
+    markdown,
+    predict_speedup,
+    solve_alpha,
+    solve_alpha_mixed,
+    summarize,
+    write_results,
+)
 from verispec.bench.runner import BenchRun, RunRecord, parse_configs, run_bench
 from verispec.cli import main
 from verispec.costs import expected_tokens
@@ -203,6 +210,43 @@ def test_solve_alpha_inverts_the_expected_accepted_drafts(alpha: float) -> None:
     k = 4
     accepted_per_pass = expected_tokens(alpha, k) - 1  # sum_{i=1..k} alpha^i
     assert solve_alpha(accepted_per_pass, k) == pytest.approx(alpha, abs=1e-6)
+
+
+def _drafting_record(passes: tuple[int, ...], *, accepted: int, free: int) -> RunRecord:
+    drafted = sum(j * n for j, n in enumerate(passes))
+    return RunRecord(
+        config="x", set_name="s", prompt_id="p", category="s", turn=1, seed=None,
+        prompt_tokens=3, token_ids=(1,), time_total=1.0, pass_ends=(1.0,), pass_tokens=(1,),
+        drafted=drafted, accepted=accepted, passes_by_draft_length=passes, free_drafted=free,
+    )  # fmt: skip
+
+
+def test_prediction_for_a_fixed_k_is_the_issue_formula() -> None:
+    # One prompt pass, then 10 passes of k = 4 with 25 of 40 drafts accepted.
+    record = _drafting_record((1, 0, 0, 0, 10), accepted=25, free=0)
+    predicted = predict_speedup([record], COSTS, c_draft=0.1)
+    assert predicted is not None
+    alpha, speedup = predicted
+    assert alpha == pytest.approx(solve_alpha(2.5, 4))
+    assert speedup == pytest.approx(expected_tokens(alpha, 4) / (1.4 + 4 * 0.1))
+
+
+def test_prediction_with_varying_draft_lengths_counts_every_pass_at_its_own_cost() -> None:
+    # Prompt lookup: 6 passes found nothing (j = 0), 4 passes drafted 3 free tokens.
+    record = _drafting_record((7, 0, 0, 4), accepted=6, free=12)
+    predicted = predict_speedup([record], COSTS, c_draft=0.1)
+    assert predicted is not None
+    alpha, speedup = predicted
+    assert 4 * (alpha + alpha**2 + alpha**3) == pytest.approx(6)
+    tokens = 6 * 1 + 4 * expected_tokens(alpha, 3)
+    assert speedup == pytest.approx(tokens / (6 * 1.0 + 4 * 1.3))  # free: no c_draft
+    # The same passes drafted by a model pay c_draft per drafted token.
+    paid = predict_speedup([_drafting_record((7, 0, 0, 4), accepted=6, free=0)], COSTS, c_draft=0.1)
+    assert paid is not None and paid[1] == pytest.approx(tokens / (6 + 4 * 1.3 + 12 * 0.1))
+    # A draft length beyond the measured c_verify gives no prediction rather than a guess.
+    assert predict_speedup([_drafting_record((1,) + (0,) * 5 + (2,), accepted=3, free=0)], COSTS,
+                           c_draft=0.1) is None  # fmt: skip
+    assert solve_alpha_mixed(12, {3: 4}) == 1.0
 
 
 @pytest.mark.parametrize(

@@ -186,7 +186,12 @@ def finish_step(
     new = new[:remaining]
     seq.tokens.extend(new)
     seq.finish_reason = finish
-    stats.record_pass(drafted=len(draft.tokens), accepted=verdict.num_accepted, emitted=len(new))
+    stats.record_pass(
+        drafted=len(draft.tokens),
+        accepted=verdict.num_accepted,
+        emitted=len(new),
+        free=draft.free,
+    )
     stats.time_verify += t2 - started
     stats.time_total = time.perf_counter() - seq.started_at
     if stats.target_passes == 1:

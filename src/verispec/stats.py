@@ -17,15 +17,23 @@ class GenerationStats:
     accepted: int = 0
     drafted_by_position: list[int] = field(default_factory=list)  # [k_max]
     accepted_by_position: list[int] = field(default_factory=list)  # [k_max]
+    # [j]: target passes that verified j drafted tokens (the prompt pass counts at j = 0)
+    passes_by_draft_length: list[int] = field(default_factory=list)
+    free_drafted: int = 0  # drafted tokens that cost (next to) nothing: prompt lookup
     time_prefill: float = 0.0  # seconds in the prompt pass
     time_draft: float = 0.0  # seconds inside the drafter
     time_verify: float = 0.0  # seconds in target passes and verification
     time_total: float = 0.0  # wall time from start to the last token
     time_to_first_token: float = 0.0
 
-    def record_pass(self, *, drafted: int, accepted: int, emitted: int) -> None:
+    def record_pass(self, *, drafted: int, accepted: int, emitted: int, free: bool = False) -> None:
         self.target_passes += 1
         self.drafted += drafted
+        if free:
+            self.free_drafted += drafted
+        while len(self.passes_by_draft_length) <= drafted:
+            self.passes_by_draft_length.append(0)
+        self.passes_by_draft_length[drafted] += 1
         self.accepted += accepted
         self.new_tokens += emitted
         while len(self.drafted_by_position) < drafted:

@@ -193,8 +193,11 @@ def run(args: argparse.Namespace) -> int:
     needs_draft = any(c.drafter in ("model", "hybrid") for c in configs)
     draft = _load(draft_spec, args, role="draft") if needs_draft else None
     fixed_ks = [int(c.k) for c in configs if c.engine == "verispec" and isinstance(c.k, int)]
-    print(f"calibrating costs (k up to {max(fixed_ks, default=0)}) ...", file=sys.stderr)
-    costs = calibrate(target, draft, max(fixed_ks, default=0))
+    # The adaptive configurations ("auto") need the costs too: at least the cached ones.
+    speculative = any(c.engine == "verispec" and c.speculative for c in configs)
+    max_k = max(fixed_ks, default=1 if speculative else 0)
+    print(f"calibrating costs (k up to at least {max_k}) ...", file=sys.stderr)
+    costs = calibrate(target, draft, max_k)
 
     default_target = None
     if any(c.name == "hf-default" for c in configs):

@@ -20,7 +20,16 @@ MT-bench category):
   passes (the decoding loop's own overhead: sampling, verification, bookkeeping);
 - predicted speedup E(alpha, k) / (c_verify(k) + k c_draft), with c_verify and
   c_draft measured at the start of the run and alpha solved from the observed
-  accepted drafts per drafting pass, sum_{i=1..k} alpha^i.
+  accepted drafts per drafting pass, sum_{i=1..k} alpha^i. Where the draft
+  length varies from pass to pass (the adaptive policy; prompt lookup, which
+  drafts nothing where the context has no match), the same formula is applied
+  to each decoding pass with its own draft length j and summed:
+  sum_j n_j E(alpha, j) / sum_j n_j (c_verify(j) + j c_draft), with n_j the
+  passes that verified j drafts, c_verify(0) = 1, c_draft = 0 for free (lookup)
+  drafts, and alpha solved from sum_j n_j sum_{i=1..j} alpha^i = accepted.
+  For a fixed k this is the formula above. "measured / predicted" divides the
+  aggregate decode speedup (decode tokens / decode time, over the group, against
+  plain's on the same turns) by it.
 """
 
 from __future__ import annotations
@@ -72,16 +81,65 @@ def machine_info() -> dict[str, Any]:
 
 def solve_alpha(accepted_per_pass: float, k: int) -> float:
     """alpha with sum_{i=1..k} alpha^i = ``accepted_per_pass`` (bisection; 1 when >= k)."""
-    if accepted_per_pass >= k:
+    return solve_alpha_mixed(accepted_per_pass, {k: 1})
+
+
+def solve_alpha_mixed(accepted: float, passes_by_length: dict[int, int]) -> float:
+    """alpha with sum_j n_j sum_{i=1..j} alpha^i = ``accepted``, n_j = ``passes_by_length[j]``.
+
+    Bisection; 1 when ``accepted`` reaches every drafted token.
+    """
+    drafted = sum(j * n for j, n in passes_by_length.items())
+    if accepted >= drafted:
         return 1.0
+
+    def accepted_at(alpha: float) -> float:
+        return sum(n * sum(alpha**i for i in range(1, j + 1)) for j, n in passes_by_length.items())
+
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if sum(mid**i for i in range(1, k + 1)) < accepted_per_pass:
+        if accepted_at(mid) < accepted:
             lo = mid
         else:
             hi = mid
     return (lo + hi) / 2
+
+
+def decode_passes_by_length(runs: Sequence[RunRecord]) -> dict[int, int] | None:
+    """Decoding passes (prompt pass left out) by draft length over ``runs``; None if unknown."""
+    if not runs or any(not r.passes_by_draft_length for r in runs):
+        return None
+    out: dict[int, int] = {}
+    for r in runs:
+        for j, n in enumerate(r.passes_by_draft_length):
+            out[j] = out.get(j, 0) + n
+        out[0] -= 1  # the prompt pass
+    return {j: n for j, n in out.items() if n > 0}
+
+
+def predict_speedup(
+    runs: Sequence[RunRecord], costs: dict[str, Any], *, c_draft: float
+) -> tuple[float, float] | None:
+    """(alpha, predicted decode speedup) from the runs' passes and the measured costs.
+
+    sum_j n_j E(alpha, j) / sum_j n_j (c_verify(j) + j c_draft), free drafts at
+    no drafting cost; None when a draft length is beyond the measured c_verify.
+    """
+    passes = decode_passes_by_length(runs)
+    accepted = _sum([r.accepted for r in runs])
+    free = _sum([r.free_drafted for r in runs])
+    if not passes or accepted is None or free is None:
+        return None
+    c_verify = costs["c_verify"]
+    if max(passes) >= len(c_verify):
+        return None
+    alpha = solve_alpha_mixed(accepted, passes)
+    drafted = sum(j * n for j, n in passes.items())
+    tokens = sum(n * expected_tokens(alpha, j) for j, n in passes.items())
+    cost = sum(n * (c_verify[j] if j else 1.0) for j, n in passes.items())
+    cost += (drafted - free) * c_draft
+    return alpha, tokens / cost
 
 
 def _sum(values: Sequence[float | int | None]) -> float | None:
@@ -150,16 +208,32 @@ def _group_stats(
         "alpha": None,
         "predicted_speedup": None,
     }
-    k = config.k if isinstance(config.k, int) else 0
-    drafting_passes = sum(r.drafted_by_position[0] for r in runs if r.drafted_by_position)
-    if costs and config.engine == "verispec" and k and drafting_passes and accepted is not None:
-        c_verify = costs["c_verify"]
-        if k < len(c_verify):
-            alpha = solve_alpha(accepted / drafting_passes, k)
-            c_draft = costs["c_draft"] if config.drafter == "model" else 0.0
-            stats["alpha"] = alpha
-            stats["predicted_speedup"] = expected_tokens(alpha, k) / (c_verify[k] + k * c_draft)
+    if costs and config.engine == "verispec" and config.speculative and drafted:
+        predicted = predict_speedup(runs, costs, c_draft=costs["c_draft"])
+        if predicted is not None:
+            stats["alpha"], stats["predicted_speedup"] = predicted
+    decode = _decode_speedup_aggregate(runs, plain)
+    stats["decode_speedup_aggregate"] = decode
+    if decode is not None and stats["predicted_speedup"]:
+        stats["measured_over_predicted"] = decode / stats["predicted_speedup"]
+    else:
+        stats["measured_over_predicted"] = None
     return stats
+
+
+def _decode_rate(runs: Sequence[RunRecord]) -> float | None:
+    tokens = sum(r.new_tokens - r.pass_tokens[0] for r in runs if len(r.pass_ends) > 1)
+    seconds = sum(r.time_total - r.pass_ends[0] for r in runs if len(r.pass_ends) > 1)
+    return tokens / seconds if seconds > 0 else None
+
+
+def _decode_speedup_aggregate(
+    runs: Sequence[RunRecord], plain: dict[tuple[str, int], RunRecord]
+) -> float | None:
+    """Decode tokens / decode time over ``runs``, over plain's on the same turns."""
+    mine = _decode_rate(runs)
+    theirs = _decode_rate([plain[(r.prompt_id, r.turn)] for r in runs])
+    return mine / theirs if mine and theirs else None
 
 
 def groups_of(records: Sequence[RunRecord]) -> list[str]:
@@ -229,9 +303,9 @@ def markdown(
         ]
     lines += [
         "| config | tokens/s (median) | speedup median (min–max) | decode speedup | predicted "
-        "| acceptance | tokens/pass | TTFT s | ms/token p50 / p95 "
+        "| measured / predicted | acceptance | tokens/pass | TTFT s | ms/token p50 / p95 "
         "| prompt / draft / verify / other | outside forward | greedy = plain |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for config in run.configs:
         s = summary["configs"][config.name]["all"]
@@ -252,7 +326,8 @@ def markdown(
             f"| {_fmt(s['speedup_median'], '.2f', 'x')} "
             f"({_fmt(s['speedup_min'])}–{_fmt(s['speedup_max'])}) "
             f"| {_fmt(s['decode_speedup_median'], '.2f', 'x')} "
-            f"| {_fmt(s['predicted_speedup'], '.2f', 'x')} | {_fmt(s['acceptance_rate'], '.0%')} "
+            f"| {_fmt(s['predicted_speedup'], '.2f', 'x')} "
+            f"| {_fmt(s['measured_over_predicted'], '.2f')} | {_fmt(s['acceptance_rate'], '.0%')} "
             f"| {_fmt(s['tokens_per_pass'])} | {s['time_to_first_token_median']:.2f} "
             f"| {_fmt(s['latency_p50_ms'], '.0f')} / {_fmt(s['latency_p95_ms'], '.0f')} "
             f"| {split_text} | {_fmt(s['outside_forward_share'], '.1%')} | {check} |"

@@ -110,6 +110,8 @@ class RunRecord:
     accepted: int | None = None
     drafted_by_position: tuple[int, ...] = ()
     accepted_by_position: tuple[int, ...] = ()
+    passes_by_draft_length: tuple[int, ...] = ()  # [j]: target passes that verified j drafts
+    free_drafted: int | None = None  # drafted tokens that cost nothing (prompt lookup)
     time_prefill: float | None = None
     time_draft: float | None = None
     time_verify: float | None = None
@@ -288,6 +290,8 @@ class Runner:
             accepted=stats.accepted,
             drafted_by_position=tuple(stats.drafted_by_position),
             accepted_by_position=tuple(stats.accepted_by_position),
+            passes_by_draft_length=tuple(stats.passes_by_draft_length),
+            free_drafted=stats.free_drafted,
             time_prefill=stats.time_prefill,
             time_draft=stats.time_draft,
             time_verify=stats.time_verify,
