@@ -80,6 +80,30 @@ def test_trimmed_draft_vocabulary_is_lossless_and_scores_only_kept_ids() -> None
         assert all(0 <= t < target.vocab_size for t in result.token_ids)
 
 
+def test_trimmed_head_scores_the_context_ids_it_is_given() -> None:
+    target = tiny_llama(seed=0)
+    draft = _clone(target)
+    trim_vocabulary(draft.hf, 64, always_keep=set())
+    head = draft.hf.get_output_embeddings()
+    head.max_extra = 3
+    draft.include_ids([200, 70, 5, 70, -1, 10_000])  # 5 is kept already; -1, 10_000 ignored
+    assert head.extra_ids.tolist() == [70, 200] and head.num_scored == 66
+    logits = draft.forward(draft.new_cache(), PROMPT)
+    full = target.forward(target.new_cache(), PROMPT)
+    for i in (5, 70, 200):
+        torch.testing.assert_close(logits[:, i], full[:, i], atol=1e-5, rtol=1e-5)
+    assert torch.isinf(logits[:, 71:200]).all()
+    draft.include_ids([210, 211])  # one slot left
+    assert head.extra_ids.tolist() == [70, 200, 210]
+    # A draft model proposer tells the head the ids of the context it drafts for.
+    draft2 = _clone(target)
+    trim_vocabulary(draft2.hf, 64, always_keep=set())
+    prompt = [*PROMPT, 120, 121, 122]
+    generate(target, DraftModelDrafter(draft2, target=target), prompt, max_new_tokens=4)
+    extras = set(draft2.hf.get_output_embeddings().extra_ids.tolist())
+    assert {t for t in prompt if t >= 64} <= extras
+
+
 def test_bad_kernel_choices_are_refused() -> None:
     model = tiny_llama(seed=0)
     with pytest.raises(InvalidArgumentError, match="kernels"):

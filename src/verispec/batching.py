@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from verispec.drafters import Draft, Proposer
+from verispec.drafters import Draft, Proposer, include_ids
 from verispec.models import HFModel, LanguageModel
 from verispec.sampling import SamplingParams, sample, warp
 
@@ -360,6 +360,7 @@ def _lockstep(
         proposer.cache.crop(keep)
         del proposer.cached[keep:]
         feeds.append(list(context[keep:]))
+        include_ids(model, feeds[-1])
     # A new sequence's draft cache catches up on its prompt in a pass of its own: padding
     # everyone's one or two tokens to a prompt's length would waste the first step.
     behind = [i for i, feed in enumerate(feeds) if len(feed) > 2]

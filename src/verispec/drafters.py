@@ -60,6 +60,13 @@ def _common_prefix_length(a: list[int], b: Sequence[int]) -> int:
     return next(i for i in range(n) if a[i] != b[i])
 
 
+def include_ids(model: LanguageModel, ids: list[int]) -> None:
+    """Tell a draft with a trimmed vocabulary the context's token ids (see ``TrimmedHead``)."""
+    include = getattr(model, "include_ids", None)  # optional: only HFModel has it
+    if include is not None:
+        include(ids)
+
+
 class DraftModelDrafter:
     """A smaller model of the same family drafts autoregressively.
 
@@ -118,6 +125,7 @@ class _DraftModelProposer:
         del self.cached[keep:]
         # 2. Catch up: usually one token, two after a fully accepted draft.
         new = list(context[keep:])
+        include_ids(self.model, new)
         logits = self.model.forward(self.cache, new, num_logits=1)[-1]  # [vocab_draft]
         self.cached.extend(new)
         # 3. Draft k tokens one by one.

@@ -21,6 +21,7 @@ Plain and speculative decoding always run on the same kernels.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -123,27 +124,74 @@ def optimize(model: Any, *, device: str, kernels: str = "auto", precision: str =
 
 
 class TrimmedHead(nn.Module):
-    """An output head that scores only ``keep`` token ids; the rest get -inf.
+    """An output head that scores only some token ids; the rest get -inf.
 
-    For a draft model only: a draft restricted to a frequent sub-vocabulary is
-    still a valid proposal distribution (rejection sampling stays exact), and
-    its head costs ``len(keep) / vocab`` of the full one.
+    For a draft model only: a draft restricted to a sub-vocabulary is still a
+    valid proposal distribution (rejection sampling stays exact, and greedy
+    verification compares tokens), and its head costs a fraction of the full
+    one. Two parts:
+
+    * ``sub``: the ``keep`` ids (the frequent ones), an ``nn.Linear`` that the
+      draft's kernels (int8) apply to like any other layer;
+    * extras: ids that :meth:`include` adds at run time, the tokens of the
+      contexts being drafted for (names and words copied from a prompt are
+      often rare ids), scored in fp32 from the full head's rows; at most
+      ``max_extra`` of them.
     """
 
-    def __init__(self, head: nn.Linear, keep: torch.Tensor) -> None:
+    def __init__(self, head: nn.Linear, keep: torch.Tensor, *, max_extra: int = 16384) -> None:
         super().__init__()
         self.out_features = head.out_features
-        self.register_buffer("keep", keep.to(torch.long), persistent=False)
+        keep = keep.to(torch.long)
+        self.register_buffer("keep", keep, persistent=False)
         self.sub = nn.Linear(head.in_features, len(keep), bias=head.bias is not None)
         with torch.no_grad():
             self.sub.weight.copy_(head.weight[keep])
             if head.bias is not None:
                 self.sub.bias.copy_(head.bias[keep])
+        # The full head's rows (shared with the input embedding when they are tied).
+        self.full_weight = head.weight.detach()  # [vocab, hidden]
+        self.full_bias = None if head.bias is None else head.bias.detach()
+        self.max_extra = max_extra
+        self.scored = torch.zeros(self.out_features, dtype=torch.bool)  # [vocab]
+        self.scored[keep] = True
+        self.extra_ids = torch.empty(0, dtype=torch.long)  # [e]
+        self.extra_weight = self.full_weight.new_empty(0, head.in_features)  # [e, hidden]
+        self.extra_bias = None if head.bias is None else head.bias.new_empty(0)  # [e]
+
+    @property
+    def num_scored(self) -> int:
+        return self.sub.out_features + len(self.extra_ids)
+
+    @torch.no_grad()
+    def include(self, ids: Sequence[int]) -> int:
+        """Score ``ids`` from now on too (out-of-range ids are ignored); returns the new count."""
+        room = self.max_extra - len(self.extra_ids)
+        if room <= 0 or not ids:
+            return 0
+        wanted = torch.as_tensor(list(ids), dtype=torch.long).unique()
+        wanted = wanted[(wanted >= 0) & (wanted < self.out_features)]
+        new = wanted[~self.scored[wanted]][:room]  # [m]
+        if not new.numel():
+            return 0
+        self.scored[new] = True
+        self.extra_ids = torch.cat([self.extra_ids, new])
+        rows = self.full_weight[new].to(self.extra_weight.dtype)
+        self.extra_weight = torch.cat([self.extra_weight, rows])
+        if self.full_bias is not None and self.extra_bias is not None:
+            self.extra_bias = torch.cat([self.extra_bias, self.full_bias[new]])
+        return int(new.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., vocab]
         sub = self.sub(x)  # [..., keep]
         out = sub.new_full((*sub.shape[:-1], self.out_features), float("-inf"))
-        return out.index_copy_(-1, self.keep, sub)
+        out.index_copy_(-1, self.keep, sub)
+        if len(self.extra_ids):
+            extra = x.to(self.extra_weight.dtype) @ self.extra_weight.T  # [..., e]
+            if self.extra_bias is not None:
+                extra = extra + self.extra_bias
+            out.index_copy_(-1, self.extra_ids, extra.to(out.dtype))
+        return out
 
 
 def trim_vocabulary(model: Any, size: int, *, always_keep: set[int] | frozenset[int]) -> int:

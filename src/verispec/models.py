@@ -103,6 +103,12 @@ class HFModel:
         self.kernels: str = "default"  # what verispec.kernels.optimize applied
         self.vocab_limit: int | None = None  # a trimmed head scores only this many ids
 
+    def include_ids(self, ids: list[int]) -> None:
+        """Let a trimmed output head (``vocab_limit``) score ``ids`` too; a no-op otherwise."""
+        head = self.hf.get_output_embeddings()
+        if isinstance(head, kernels_module.TrimmedHead):
+            head.include(ids)
+
     def new_cache(self) -> HFCache:
         if self.lean is not None:
             return HFCache(kv=self.lean.new_cache())
