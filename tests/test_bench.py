@@ -222,8 +222,8 @@ def _drafting_record(passes: tuple[int, ...], *, accepted: int, free: int) -> Ru
 
 
 def test_prediction_for_a_fixed_k_is_the_issue_formula() -> None:
-    # One prompt pass, then 10 passes of k = 4 with 25 of 40 drafts accepted.
-    record = _drafting_record((1, 0, 0, 0, 10), accepted=25, free=0)
+    # 10 passes of k = 4 with 25 of 40 drafts accepted.
+    record = _drafting_record((0, 0, 0, 0, 10), accepted=25, free=0)
     predicted = predict_speedup([record], COSTS, c_draft=0.1)
     assert predicted is not None
     alpha, speedup = predicted
@@ -233,7 +233,7 @@ def test_prediction_for_a_fixed_k_is_the_issue_formula() -> None:
 
 def test_prediction_with_varying_draft_lengths_counts_every_pass_at_its_own_cost() -> None:
     # Prompt lookup: 6 passes found nothing (j = 0), 4 passes drafted 3 free tokens.
-    record = _drafting_record((7, 0, 0, 4), accepted=6, free=12)
+    record = _drafting_record((6, 0, 0, 4), accepted=6, free=12)
     predicted = predict_speedup([record], COSTS, c_draft=0.1)
     assert predicted is not None
     alpha, speedup = predicted
@@ -241,10 +241,10 @@ def test_prediction_with_varying_draft_lengths_counts_every_pass_at_its_own_cost
     tokens = 6 * 1 + 4 * expected_tokens(alpha, 3)
     assert speedup == pytest.approx(tokens / (6 * 1.0 + 4 * 1.3))  # free: no c_draft
     # The same passes drafted by a model pay c_draft per drafted token.
-    paid = predict_speedup([_drafting_record((7, 0, 0, 4), accepted=6, free=0)], COSTS, c_draft=0.1)
+    paid = predict_speedup([_drafting_record((6, 0, 0, 4), accepted=6, free=0)], COSTS, c_draft=0.1)
     assert paid is not None and paid[1] == pytest.approx(tokens / (6 + 4 * 1.3 + 12 * 0.1))
     # A draft length beyond the measured c_verify gives no prediction rather than a guess.
-    assert predict_speedup([_drafting_record((1,) + (0,) * 5 + (2,), accepted=3, free=0)], COSTS,
+    assert predict_speedup([_drafting_record((0,) * 6 + (2,), accepted=3, free=0)], COSTS,
                            c_draft=0.1) is None  # fmt: skip
     assert solve_alpha_mixed(12, {3: 4}) == 1.0
 

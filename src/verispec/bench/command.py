@@ -192,9 +192,9 @@ def run(args: argparse.Namespace) -> int:
     target = _load(target_spec, args, role="target")
     needs_draft = any(c.drafter in ("model", "hybrid") for c in configs)
     draft = _load(draft_spec, args, role="draft") if needs_draft else None
-    fixed_ks = [int(c.k) for c in configs if c.engine == "verispec" and isinstance(c.k, int)]
+    speculative = [c for c in configs if c.engine == "verispec" and c.speculative]
+    fixed_ks = [int(c.k) for c in speculative if isinstance(c.k, int)]
     # The adaptive configurations ("auto") need the costs too: at least the cached ones.
-    speculative = any(c.engine == "verispec" and c.speculative for c in configs)
     max_k = max(fixed_ks, default=1 if speculative else 0)
     print(f"calibrating costs (k up to at least {max_k}) ...", file=sys.stderr)
     costs = calibrate(target, draft, max_k)

@@ -107,14 +107,13 @@ def solve_alpha_mixed(accepted: float, passes_by_length: dict[int, int]) -> floa
 
 
 def decode_passes_by_length(runs: Sequence[RunRecord]) -> dict[int, int] | None:
-    """Decoding passes (prompt pass left out) by draft length over ``runs``; None if unknown."""
+    """Target passes after the prompt pass, by draft length, over ``runs``; None if unknown."""
     if not runs or any(not r.passes_by_draft_length for r in runs):
         return None
     out: dict[int, int] = {}
     for r in runs:
         for j, n in enumerate(r.passes_by_draft_length):
             out[j] = out.get(j, 0) + n
-        out[0] -= 1  # the prompt pass
     return {j: n for j, n in out.items() if n > 0}
 
 
