@@ -218,6 +218,10 @@ class PooledModel:
     def new_cache(self) -> SlotCache:
         return self.pool.new_cache()
 
+    def include_ids(self, ids: list[int]) -> None:
+        """See :meth:`HFModel.include_ids` (a trimmed draft head scores ``ids`` too)."""
+        self.model.include_ids(ids)
+
     def forward(
         self, cache: SlotCache, tokens: list[int], *, num_logits: int | None = None
     ) -> torch.Tensor:  # [num_logits or len(tokens), vocab]
