@@ -102,6 +102,9 @@ def test_local_folder_generates_json(capsys, model_dirs) -> None:
     payload = json.loads(out)
     assert len(payload["token_ids"]) == 12
     assert payload["stats"]["acceptance_rate"] == 1.0  # the target drafting for itself
+    by_length = payload["stats"]["passes_by_draft_length"]
+    assert sum(by_length) == payload["stats"]["target_passes"] and by_length[3] >= 1
+    assert payload["stats"]["free_drafted"] == 0  # a model drafted
     code, out, _ = _run(
         capsys,
         "generate",

@@ -81,6 +81,8 @@ class GenerationStats:
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_length": self.mean_accepted_length,
             "acceptance_by_position": self.acceptance_by_position,
+            "passes_by_draft_length": list(self.passes_by_draft_length),
+            "free_drafted": self.free_drafted,
             "tokens_per_second": self.tokens_per_second,
             "time_to_first_token": self.time_to_first_token,
             "time_prefill": self.time_prefill,
