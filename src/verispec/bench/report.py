@@ -221,9 +221,8 @@ def _group_stats(
 
 
 def _decode_rate(runs: Sequence[RunRecord]) -> float | None:
-    tokens = sum(r.new_tokens - r.pass_tokens[0] for r in runs if len(r.pass_ends) > 1)
-    seconds = sum(r.time_total - r.pass_ends[0] for r in runs if len(r.pass_ends) > 1)
-    return tokens / seconds if seconds > 0 else None
+    seconds = sum(r.decode_seconds for r in runs)
+    return sum(r.decode_tokens for r in runs) / seconds if seconds > 0 else None
 
 
 def _decode_speedup_aggregate(

@@ -133,13 +133,20 @@ class RunRecord:
         return self.pass_ends[0] if self.pass_ends else self.time_total
 
     @property
+    def decode_tokens(self) -> int:
+        """Tokens after the first pass (0 when there was only one pass)."""
+        return self.new_tokens - self.pass_tokens[0] if len(self.pass_ends) > 1 else 0
+
+    @property
+    def decode_seconds(self) -> float:
+        """Wall time after the first pass (0 when there was only one pass)."""
+        return self.time_total - self.pass_ends[0] if len(self.pass_ends) > 1 else 0.0
+
+    @property
     def decode_tokens_per_second(self) -> float:
         """Tokens after the first pass over the time after it: the rate once the prompt is in."""
-        if len(self.pass_ends) < 2:
-            return 0.0
-        tokens = self.new_tokens - self.pass_tokens[0]
-        seconds = self.time_total - self.pass_ends[0]
-        return tokens / seconds if seconds > 0 else 0.0
+        seconds = self.decode_seconds
+        return self.decode_tokens / seconds if seconds > 0 else 0.0
 
     def token_latencies(self) -> list[float]:
         """Seconds per token after the first pass: each pass's latency / its tokens, per token."""
