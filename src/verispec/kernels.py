@@ -84,12 +84,67 @@ def use_onednn(model: nn.Module) -> int:
     return count
 
 
+# Attribute names of the fused projections that :func:`quantize_int8` adds beside a
+# decoder layer's own ones (the lean forward uses them; transformers' ignores them).
+FUSED_QKV = "verispec_qkv_proj"
+FUSED_GATE_UP = "verispec_gate_up_proj"
+
+
+def _fuse(parts: Sequence[nn.Module]) -> nn.Linear | None:
+    """One fp32 ``nn.Linear`` whose output is the outputs of ``parts`` side by side."""
+    if not all(type(p) is nn.Linear for p in parts):
+        return None
+    linears: list[nn.Linear] = [p for p in parts if isinstance(p, nn.Linear)]
+    biased = [p.bias is not None for p in linears]
+    if any(biased) and not all(biased):
+        return None
+    weight = torch.cat([p.weight.detach() for p in linears])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biased[0])
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if biased[0]:
+        fused.bias = nn.Parameter(
+            torch.cat([p.bias.detach() for p in linears if p.bias is not None]),
+            requires_grad=False,
+        )
+    return fused
+
+
+def fuse_projections(layer: nn.Module) -> bool:
+    """Give a Llama/Qwen2 decoder layer one q|k|v and one gate|up projection.
+
+    For int8 models: a small model's decode step is dominated by per-call costs
+    (fbgemm quantizes the activation on every call), so one call instead of
+    three (attention) and two (MLP) saves 3 of 7 calls per layer. The separate
+    projections stay for transformers' own forward. False when the layer does
+    not have that layout.
+    """
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    try:
+        qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])  # type: ignore[union-attr]
+        gate_up = _fuse([mlp.gate_proj, mlp.up_proj])  # type: ignore[union-attr]
+    except AttributeError:
+        return False
+    if qkv is None or gate_up is None:
+        return False
+    setattr(attn, FUSED_QKV, qkv)
+    setattr(mlp, FUSED_GATE_UP, gate_up)
+    return True
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 quantization of every ``nn.Linear`` (weights int8, activations fp32)."""
+    """Dynamic int8 quantization of every ``nn.Linear`` (weights int8, activations fp32).
+
+    Decoder layers also get fused q|k|v and gate|up projections
+    (:func:`fuse_projections`), quantized layer by layer so that the fp32
+    copies never pile up.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the torch.ao API is deprecated but works in torch 2.x
         from torch.ao.quantization import quantize_dynamic
 
+        for layer in getattr(getattr(model, "model", None), "layers", None) or []:
+            if fuse_projections(layer):
+                quantize_dynamic(layer, {nn.Linear}, dtype=torch.qint8, inplace=True)
         # The output head is tied to the input embedding in some models; quantizing it
         # copies the weight, leaving the embedding untouched.
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)

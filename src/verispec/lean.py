@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from verispec.kernels import FUSED_GATE_UP, FUSED_QKV
+
 LEAN_MODEL_TYPES = ("llama", "qwen2")
 
 
@@ -137,6 +139,8 @@ class LeanRunner:
 
     @staticmethod
     def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op, same math
+            return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         return norm.weight * h.to(x.dtype)
@@ -160,15 +164,22 @@ class LeanRunner:
             q_pos = torch.arange(past, past + n, device=self.device)[:, None]
             mask = torch.arange(past + n, device=self.device)[None, :] <= q_pos  # [n, past + n]
         scale = self.head_dim**-0.5
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             h = self._rms_norm(layer.input_layernorm, x)
-            q = attn.q_proj(h).view(n, self.heads, self.head_dim).transpose(0, 1)
-            k = attn.k_proj(h).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-            v = attn.v_proj(h).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-            q = self._rotate(q, cos, sin)  # [heads, n, head_dim]
+            qkv_proj = getattr(attn, FUSED_QKV, None)
+            if qkv_proj is not None:  # int8 models: one call for q, k and v
+                qkv = qkv_proj(h).view(n, heads + 2 * kv_heads, head_dim).transpose(0, 1)
+                qk = self._rotate(qkv[: heads + kv_heads], cos, sin)  # RoPE on q and k at once
+                q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads :]
+            else:
+                q = attn.q_proj(h).view(n, heads, head_dim).transpose(0, 1)
+                k = attn.k_proj(h).view(n, kv_heads, head_dim).transpose(0, 1)
+                v = attn.v_proj(h).view(n, kv_heads, head_dim).transpose(0, 1)
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)  # [heads, n, head_dim]
             keys, values = cache.keys[i], cache.values[i]
-            keys[:, past : past + n] = self._rotate(k, cos, sin)
+            keys[:, past : past + n] = k
             values[:, past : past + n] = v
             out = F.scaled_dot_product_attention(
                 q[None],
@@ -176,13 +187,18 @@ class LeanRunner:
                 values[None, :, : past + n],
                 attn_mask=mask,
                 scale=scale,
-                enable_gqa=self.heads != self.kv_heads,
+                enable_gqa=heads != kv_heads,
             )  # [1, heads, n, head_dim]
-            out = out[0].transpose(0, 1).reshape(n, self.heads * self.head_dim)
+            out = out[0].transpose(0, 1).reshape(n, heads * head_dim)
             x = x + attn.o_proj(out)
             mlp = layer.mlp
             h = self._rms_norm(layer.post_attention_layernorm, x)
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            gate_up_proj = getattr(mlp, FUSED_GATE_UP, None)
+            if gate_up_proj is not None:
+                gate, up = gate_up_proj(h).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            x = x + mlp.down_proj(F.silu(gate) * up)
         cache.length = past + n
         x = self._rms_norm(inner.norm, x[n - num_logits :])
         return self.hf.get_output_embeddings()(x)  # [num_logits, vocab]
