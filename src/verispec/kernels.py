@@ -131,23 +131,26 @@ def fuse_projections(layer: nn.Module) -> bool:
     return True
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_int8(model: nn.Module) -> int:
     """Dynamic int8 quantization of every ``nn.Linear`` (weights int8, activations fp32).
 
     Decoder layers also get fused q|k|v and gate|up projections
     (:func:`fuse_projections`), quantized layer by layer so that the fp32
-    copies never pile up.
+    copies never pile up. Returns the number of layers fused.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the torch.ao API is deprecated but works in torch 2.x
         from torch.ao.quantization import quantize_dynamic
 
+        fused = 0
         for layer in getattr(getattr(model, "model", None), "layers", None) or []:
             if fuse_projections(layer):
                 quantize_dynamic(layer, {nn.Linear}, dtype=torch.qint8, inplace=True)
+                fused += 1
         # The output head is tied to the input embedding in some models; quantizing it
         # copies the weight, leaving the embedding untouched.
-        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        return fused
 
 
 def check_choice(kernels: str, precision: str) -> None:
@@ -168,8 +171,8 @@ def optimize(model: Any, *, device: str, kernels: str = "auto", precision: str =
     if precision == "int8":
         if device != "cpu":
             raise InvalidArgumentError("int8 precision is a CPU option; use bf16 on a GPU")
-        quantize_int8(model)
-        return "int8 dynamic quantization (fbgemm)"
+        fused = quantize_int8(model)
+        return f"int8 dynamic quantization (fbgemm; q|k|v and gate|up fused in {fused} layers)"
     if device != "cpu" or precision != "fp32":
         return f"default {precision} kernels"
     if kernels == "default" or not onednn_available():
