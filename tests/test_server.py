@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 from server_support import (
     GateDrafter,
+    noisy_copy,
     serve,
     tiny_server,
     tiny_target,
@@ -276,3 +279,122 @@ def test_metrics_and_openapi(server, client) -> None:
     post = spec["paths"]["/v1/completions"]["post"]
     assert {"200", "400", "429"} <= set(post["responses"])
     assert "text/event-stream" in post["responses"]["200"]["content"]
+
+
+def _counter(url: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", httpx.get(url + "/metrics").text, re.MULTILINE)
+    assert match is not None, name
+    return float(match.group(1))
+
+
+# Prompts that repeat themselves (prompt lookup finds continuations) and one that does not.
+HYBRID_PROMPTS = [PROMPT, "abc abc abc abc ab", "x = [1, 2]; y = [1, 2]; z = [1,", "Hello"]
+
+
+def test_hybrid_requests_equal_plain_decoding(server, client, target) -> None:
+    """A request picks the hybrid drafter (the server has a draft model): greedy output
+    equals plain decoding alone and side by side, and its drafts are counted."""
+
+    def ask(prompt: str) -> openai.types.Completion:
+        return client.completions.create(
+            model="tiny",
+            prompt=prompt,
+            max_tokens=20,
+            temperature=0,
+            extra_body={"verispec": {"drafter": "hybrid"}},
+        )
+
+    drafted_before = _counter(server.url, "verispec_drafted_tokens_total")
+    free_before = _counter(server.url, "verispec_free_drafted_tokens_total")
+    one = ask(PROMPT)
+    assert one.choices[0].text == generate(target, None, PROMPT, max_new_tokens=20, chat=False).text
+    spec = one.model_extra["speculation"]
+    assert spec["drafted"] > 0 and 0 <= spec["free_drafted"] <= spec["drafted"]
+    assert _counter(server.url, "verispec_drafted_tokens_total") - drafted_before == spec["drafted"]
+    free = _counter(server.url, "verispec_free_drafted_tokens_total") - free_before
+    assert free == spec["free_drafted"]
+    with ThreadPoolExecutor(len(HYBRID_PROMPTS)) as pool:  # batched side by side
+        together = list(pool.map(ask, HYBRID_PROMPTS))
+    for prompt, response in zip(HYBRID_PROMPTS, together, strict=True):
+        alone = generate(target, None, prompt, max_new_tokens=20, chat=False)
+        assert response.choices[0].text == alone.text
+    specs = [r.model_extra["speculation"] for r in together]
+    # Both sources drafted: prompt lookups (free) and the draft model.
+    assert sum(s["drafted"] for s in specs) > sum(s["free_drafted"] for s in specs) > 0
+
+
+def test_hybrid_needs_a_draft_model(guarded) -> None:
+    response = httpx.post(
+        guarded.base_url + "/completions",
+        headers={"authorization": "Bearer sesame"},
+        json={"prompt": PROMPT, "max_tokens": 4, "verispec": {"drafter": "hybrid"}},
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "verispec.drafter"
+    assert "no 'hybrid' drafter" in error["message"]
+    assert "available: none, prompt-lookup" in error["message"]
+    ok = openai.OpenAI(base_url=guarded.base_url, api_key="sesame", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="hybrid"):
+        ok.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=4,
+            extra_body={"verispec": {"drafter": "hybrid"}},
+        )
+
+
+def test_serve_command_with_the_hybrid_drafter(target, monkeypatch) -> None:
+    """`verispec serve --drafter hybrid -k auto` on tiny models: the hybrid drafter with its
+    draft model pooled (and shared with the "model" drafter), the cost policy, and greedy
+    output equal to plain decoding, with the policy's draft length and with a fixed one."""
+    import uvicorn
+
+    from verispec import cli, models
+    from verispec.batching import PooledModel
+    from verispec.drafters import HybridDrafter
+    from verispec.server import command
+    from verispec.server.policy import BatchCostPolicy
+
+    draft = noisy_copy(target)
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: {"T": target, "D": draft}[name])
+    built: dict = {}
+
+    def build_scheduler(*args, **kwargs):
+        built["scheduler"] = scheduler = build(*args, **kwargs)
+        return scheduler
+
+    build = command.build_scheduler
+    monkeypatch.setattr(command, "build_scheduler", build_scheduler)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: built.update(app=app))
+    argv = ["serve", "--target", "T", "--draft", "D", "--drafter", "hybrid", "-k", "auto"]
+    args = cli.build_parser().parse_args([*argv, "--ngram", "4", "--max-batch", "2"])
+    assert command.run(args) == 0
+    scheduler = built["scheduler"]
+    assert isinstance(scheduler.drafter, HybridDrafter) and scheduler.drafter.lookup.max_ngram == 4
+    assert scheduler.drafters["hybrid"] is scheduler.drafter
+    assert isinstance(scheduler.drafter.model, PooledModel)
+    assert scheduler.drafters["model"].model is scheduler.drafter.model
+    assert isinstance(scheduler.policy, BatchCostPolicy)
+    with serve(built["app"], scheduler) as running:
+        config = httpx.get(running.url + "/playground/config").json()
+        assert config["drafter"] == "hybrid" and "hybrid" in config["drafters"]
+        client = openai.OpenAI(base_url=running.base_url, api_key="x", max_retries=0)
+
+        def ask(prompt: str, k: int | None = None) -> openai.types.Completion:
+            return client.completions.create(
+                model="T",
+                prompt=prompt,
+                max_tokens=16,
+                temperature=0,
+                extra_body={"verispec": {"num_draft_tokens": k}},
+            )
+
+        with ThreadPoolExecutor(3) as pool:
+            auto = list(pool.map(ask, HYBRID_PROMPTS[:3]))
+            fixed = list(pool.map(ask, HYBRID_PROMPTS[:3], [3] * 3))
+    for prompt, a, f in zip(HYBRID_PROMPTS, auto, fixed, strict=False):
+        alone = generate(target, None, prompt, max_new_tokens=16, chat=False).text
+        assert a.choices[0].text == alone and f.choices[0].text == alone
+        assert f.model_extra["speculation"]["drafted"] > 0
+    assert scheduler.drafter.model.pool.in_use == 0

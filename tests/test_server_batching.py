@@ -12,8 +12,12 @@ import torch
 from helpers import TableModel, tiny_llama
 from server_support import chat_tokenizer, noisy_copy
 
+import verispec.batching as batching
 from verispec import DraftModelDrafter, PromptLookupDrafter, generate
-from verispec.batching import KVPool, batched_forward, pooled, propose_batch
+from verispec.batching import KVPool, PooledModel, batched_forward, pooled, propose_batch
+from verispec.costs import AdaptiveDraftLength, CostModel
+from verispec.drafters import HybridDrafter
+from verispec.engine import start_sequence
 from verispec.sampling import SamplingParams, warp
 from verispec.server.policy import (
     AcceptanceEstimate,
@@ -22,7 +26,7 @@ from verispec.server.policy import (
     FixedDraftLength,
     measure_batch_costs,
 )
-from verispec.server.scheduler import GenerationRequest, Scheduler, Update
+from verispec.server.scheduler import GenerationRequest, Scheduler, Update, _free
 
 PROMPTS = [
     [5, 17, 99, 3, 5, 17, 42, 8, 5, 17],
@@ -119,6 +123,49 @@ def test_batched_drafts_equal_sequential_drafts(target) -> None:
         contexts = [c + d.tokens[:1] + [9] for c, d in zip(contexts, got, strict=True)]
 
 
+# Every pass costs one target step whatever its length; a draft-model step costs 0.2 of
+# one. A prompt lookup then beats the draft model wherever it finds a continuation.
+LOOKUP_WINS = CostModel(c_verify=(1.0,) * 9, c_draft=0.2, target_step_seconds=1.0)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_batched_hybrid_drafts_equal_sequential_drafts(target, adaptive, monkeypatch) -> None:
+    widths = []  # sequences per draft-model pass
+
+    def counting(model, caches, tokens, **kw):
+        widths.append(len(caches))
+        return batched_forward(model, caches, tokens, **kw)
+
+    monkeypatch.setattr(batching, "batched_forward", counting)
+    draft = noisy_copy(target)
+    pooled_draft = pooled(draft, slots=8)
+    batched = [
+        HybridDrafter(DraftModelDrafter(pooled_draft, target=target)).start() for _ in PROMPTS
+    ]
+    alone = [HybridDrafter(DraftModelDrafter(draft, target=target)).start() for _ in PROMPTS]
+    if adaptive:  # the policy picks each pass's source and model draft length
+        for proposer in batched + alone:
+            proposer.attach_policy(AdaptiveDraftLength(LOOKUP_WINS))
+    params = [SamplingParams()] * len(PROMPTS)
+    gens = [torch.Generator() for _ in PROMPTS]
+    ks = [4, 1, 0, 3, 4, 2]
+    contexts = [list(p) for p in PROMPTS]
+    sources = set()
+    for _ in range(3):
+        got = propose_batch(batched, contexts, ks, params, gens)
+        for proposer, context, k, draft_out in zip(alone, contexts, ks, got, strict=True):
+            want = proposer.propose(
+                context, k, params=SamplingParams(), generator=torch.Generator()
+            )
+            assert (draft_out.tokens, draft_out.free) == (want.tokens, want.free)
+            if draft_out.tokens:
+                sources.add("lookup" if draft_out.free else "model")
+        contexts = [c + d.tokens[:1] + [9] for c, d in zip(contexts, got, strict=True)]
+    assert sources == {"lookup", "model"}
+    assert max(widths) > 1  # the model drafts of several hybrid sequences ran as one batch
+    assert pooled_draft.pool.in_use == len(PROMPTS)  # one draft cache per hybrid sequence
+
+
 def _run_scheduler(scheduler, requests):
     """Submit requests, run to completion, return (text, finish, stats) per request."""
     results: dict[int, list[Update]] = {i: [] for i in range(len(requests))}
@@ -150,21 +197,24 @@ def _run_scheduler(scheduler, requests):
     return out
 
 
-def _request(prompt, *, max_tokens=24, stop=(), **sampling):
+def _request(prompt, *, max_tokens=24, stop=(), drafter=None, num_draft_tokens=None, **sampling):
     return GenerationRequest(
         prompt_ids=list(prompt),
         params=SamplingParams(**sampling),
         max_tokens=max_tokens,
         stop=list(stop),
         deliver=lambda update: None,
+        drafter=drafter,
+        num_draft_tokens=num_draft_tokens,
     )
 
 
-@pytest.mark.parametrize("drafter_kind", ["model", "prompt-lookup", "none"])
+@pytest.mark.parametrize("drafter_kind", ["model", "prompt-lookup", "hybrid", "none"])
 def test_greedy_batch_equals_each_request_alone(target, drafter_kind) -> None:
     drafter = {
         "model": DraftModelDrafter(noisy_copy(target), target=target),
         "prompt-lookup": PromptLookupDrafter(),
+        "hybrid": HybridDrafter(DraftModelDrafter(noisy_copy(target), target=target)),
         "none": None,
     }[drafter_kind]
     lengths = [24, 5, 17, 30, 1, 12]
@@ -172,15 +222,72 @@ def test_greedy_batch_equals_each_request_alone(target, drafter_kind) -> None:
     results = _run_scheduler(
         scheduler, [_request(p, max_tokens=n) for p, n in zip(PROMPTS, lengths, strict=True)]
     )
-    drafted = 0
+    drafted = free = 0
     for prompt, n, (text, finish, stats, _) in zip(PROMPTS, lengths, results, strict=True):
         alone = generate(target, None, prompt, max_new_tokens=n)
         assert text == alone.text
         assert finish == ("length" if alone.finish_reason == "length" else "stop")
         assert stats.new_tokens == len(alone.token_ids)
         drafted += stats.drafted
+        free += stats.free_drafted
     if drafter_kind == "model":
-        assert drafted > 0
+        assert drafted > 0 and free == 0
+    if drafter_kind == "hybrid":  # both sources: lookup where the context repeats, else the model
+        assert drafted > free > 0
+    pools = [scheduler.target, getattr(scheduler.drafter, "model", None)]
+    assert all(p.pool.in_use == 0 for p in pools if isinstance(p, PooledModel))
+
+
+def test_hybrid_requests_under_the_cost_policy_equal_plain_decoding(target, monkeypatch) -> None:
+    """Requests pick hybrid on a draft-model server with -k auto: each gets its own
+    adaptive policy that picks lookup or the draft model per pass (a fixed-k hybrid request
+    gets none), side by side with the other drafters; greedy output equals plain decoding."""
+    scheduler = Scheduler(
+        target,
+        DraftModelDrafter(noisy_copy(target), target=target),
+        max_batch=4,
+        max_queue=16,
+        num_draft_tokens=8,
+    )
+    hybrid, model = scheduler.drafters["hybrid"], scheduler.drafters["model"]
+    assert isinstance(hybrid, HybridDrafter) and isinstance(model.model, PooledModel)
+    assert hybrid.model is model.model  # one draft-model pool for both
+    # Passes cost the same at any length, draft-model steps 0.2 of one (as LOOKUP_WINS).
+    costs = BatchCosts([1, 64], [1.0, 1.0], draft_batch=[1, 8], draft_seconds=[0.2, 0.2])
+    scheduler.policy = BatchCostPolicy(costs, max_k=8)
+    assert scheduler.policy.sequence_costs() == LOOKUP_WINS
+    monkeypatch.setattr(scheduler.policy, "observe", lambda **kw: None)  # keep these costs
+    observed: list[tuple[int, int, bool, int]] = []
+    observe = AdaptiveDraftLength.observe
+
+    def record(self, drafted, accepted, *, free=False):
+        observed.append((drafted, accepted, free, id(self)))
+        observe(self, drafted, accepted, free=free)
+
+    monkeypatch.setattr(AdaptiveDraftLength, "observe", record)
+    picks = [("hybrid", None), ("model", None), ("hybrid", 3), ("hybrid", None), (None, None),
+             ("prompt-lookup", None)]  # fmt: skip
+    lengths = [24, 5, 17, 30, 12, 12]
+    requests = [
+        _request(p, max_tokens=n, drafter=d, num_draft_tokens=k)
+        for p, n, (d, k) in zip(PROMPTS, lengths, picks, strict=True)
+    ]
+    results = _run_scheduler(scheduler, requests)
+    for prompt, n, (text, _, stats, _) in zip(PROMPTS, lengths, results, strict=True):
+        assert text == generate(target, None, prompt, max_new_tokens=n).text
+        assert stats.free_drafted <= stats.drafted
+    assert results[2][2].free_drafted > 0  # the fixed-k hybrid took lookups where it could
+    assert len({policy for *_, policy in observed}) == 2  # the two auto hybrid requests only
+    drafted = {free for d, _, free, _ in observed if d > 0}
+    assert drafted == {True, False}  # the policies picked both sources
+    assert model.model.pool.in_use == 0 and scheduler.target.pool.in_use == 0
+    # A retired hybrid sequence gives its draft-model slot back at once (not when collected).
+    seq = start_sequence(
+        scheduler.target, hybrid, [1, 2], params=SamplingParams(), max_new_tokens=4, prefill=False
+    )
+    assert model.model.pool.in_use == 1
+    _free(seq)
+    assert model.model.pool.in_use == 0 and scheduler.target.pool.in_use == 0
 
 
 def test_stop_strings_and_seeded_sampling_in_a_batch(target) -> None:

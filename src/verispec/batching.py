@@ -320,12 +320,26 @@ def propose_batch(
     generators: Sequence[torch.Generator],
 ) -> list[Draft]:
     """Drafts for several sequences. Those that draft with the same pooled model do it in
-    lock-step, one batched pass per draft step; others propose one by one."""
+    lock-step, one batched pass per draft step; others propose one by one.
+
+    A proposer that picks its source per pass (``route``, as ``HybridDrafter``'s does)
+    is asked first; where it picks its draft model, that pass joins the lock-step group
+    of the model, with the length it chose."""
     drafts = [Draft(tokens=[]) for _ in proposers]
+    drafting: list[Any] = list(proposers)  # who drafts for sequence i (a hybrid's own model)
+    lengths = list(ks)
     groups: dict[int, list[int]] = {}
     for i, (proposer, k) in enumerate(zip(proposers, ks, strict=True)):
         if proposer is None or k <= 0:
             continue
+        route = getattr(proposer, "route", None)
+        if route is not None:
+            chosen, k = route(contexts[i], k, params=params[i], generator=generators[i])
+            if chosen is not None or k <= 0:
+                drafts[i] = chosen or drafts[i]
+                continue
+            proposer = drafting[i] = proposer.model  # type: ignore[attr-defined]
+            lengths[i] = k
         model = _draft_model_of(proposer)
         if model is not None:
             groups.setdefault(id(model), []).append(i)
@@ -333,9 +347,9 @@ def propose_batch(
             drafts[i] = proposer.propose(contexts[i], k, params=params[i], generator=generators[i])
     for members in groups.values():
         batch = _lockstep(
-            [proposers[i] for i in members],
+            [drafting[i] for i in members],
             [contexts[i] for i in members],
-            [ks[i] for i in members],
+            [lengths[i] for i in members],
             [params[i] for i in members],
             [generators[i] for i in members],
         )

@@ -54,7 +54,7 @@ def add_pair_options(
         "--target", default=presets.DEFAULT_TARGET, help="preset, local folder, GGUF file or hub id"
     )
     parser.add_argument(
-        "--draft", default=presets.DEFAULT_DRAFT, help="draft model for --drafter model"
+        "--draft", default=presets.DEFAULT_DRAFT, help="draft model for --drafter model or hybrid"
     )
     parser.add_argument("--drafter", choices=drafters, default="model", help=drafter_help)
 

@@ -226,6 +226,30 @@ class _HybridProposer:
         """Let ``policy`` pick the source and the length of every draft (``k`` is then a cap)."""
         self.policy = policy
 
+    def route(
+        self,
+        context: Sequence[int],
+        k: int,
+        *,
+        params: SamplingParams,
+        generator: torch.Generator,
+    ) -> tuple[Draft | None, int]:
+        """This pass's source: ``(lookup draft, 0)`` when the prompt lookup wins, else
+        ``(None, n)``: the draft model (``self.model``) drafts n tokens (n may be 0).
+
+        A batching scheduler calls this and runs the model drafts of many sequences
+        together (:func:`verispec.batching.propose_batch`); :meth:`propose` is both steps.
+        """
+        draft = self.lookup.propose(context, k, params=params, generator=generator)
+        if self.policy is None:
+            return (draft, 0) if draft.tokens else (None, k)
+        k_model = min(self.policy.choose(), k)
+        if draft.tokens:
+            k_free, free_speedup = self.policy.choose_free(len(draft.tokens))
+            if k_free > 0 and free_speedup >= self.policy.model_speedup(k_model):
+                return Draft(tokens=draft.tokens[:k_free], free=True), 0
+        return None, k_model
+
     def propose(
         self,
         context: Sequence[int],
@@ -234,14 +258,7 @@ class _HybridProposer:
         params: SamplingParams,
         generator: torch.Generator,
     ) -> Draft:
-        draft = self.lookup.propose(context, k, params=params, generator=generator)
-        if self.policy is None:
-            if draft.tokens:
-                return draft
-            return self.model.propose(context, k, params=params, generator=generator)
-        k_model = min(self.policy.choose(), k)
-        if draft.tokens:
-            k_free, free_speedup = self.policy.choose_free(len(draft.tokens))
-            if k_free > 0 and free_speedup >= self.policy.model_speedup(k_model):
-                return Draft(tokens=draft.tokens[:k_free], free=True)
+        draft, k_model = self.route(context, k, params=params, generator=generator)
+        if draft is not None:
+            return draft
         return self.model.propose(context, k_model, params=params, generator=generator)

@@ -414,6 +414,7 @@ def _speculation(stats: GenerationStats) -> s.Speculation:
     return s.Speculation(
         drafted=stats.drafted,
         accepted=stats.accepted,
+        free_drafted=stats.free_drafted,
         acceptance_rate=stats.acceptance_rate,
         mean_accepted_length=stats.mean_accepted_length,
         target_passes=stats.target_passes,

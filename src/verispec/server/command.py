@@ -16,8 +16,12 @@ DEFAULT_MAX_K = 8  # longest draft the "auto" policy may choose
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pair_options(
         parser,
-        drafters=["model", "prompt-lookup", "none"],
-        drafter_help="where draft tokens come from (none: no speculation)",
+        drafters=["model", "prompt-lookup", "hybrid", "none"],
+        drafter_help="where draft tokens come from: the draft model (--draft), prompt lookup, "
+        "hybrid (per pass, prompt lookup or the draft model, whichever its acceptance rates "
+        "predict to be faster; loads --draft, as model does) or none (no speculation). With a "
+        "draft model, a request may pick any of them (verispec.drafter); without, "
+        "prompt-lookup or none",
     )
     parser.add_argument(
         "--num-draft-tokens",

@@ -39,6 +39,11 @@ class Metrics:
         )
         self.drafted = Counter("verispec_drafted_tokens", "Draft tokens proposed", registry=r)
         self.accepted = Counter("verispec_accepted_tokens", "Draft tokens accepted", registry=r)
+        self.free_drafted = Counter(
+            "verispec_free_drafted_tokens",
+            "Draft tokens proposed by prompt lookup (alone or in hybrid), not by a draft model",
+            registry=r,
+        )
         self.drafted_by_position = Counter(
             "verispec_drafted_by_position",
             "Draft tokens proposed at position i",
@@ -97,10 +102,13 @@ class Metrics:
             registry=r,
         )
 
-    def record_pass(self, event: StepEvent, emitted: int) -> None:
+    def record_pass(self, event: StepEvent, emitted: int, *, free: bool = False) -> None:
+        """One sequence's verification; ``free``: its draft came from a prompt lookup."""
         self.sequence_passes.inc()
         self.generation_tokens.inc(emitted)
         self.drafted.inc(event.num_drafted)
+        if free:
+            self.free_drafted.inc(event.num_drafted)
         self.accepted.inc(event.num_accepted)
         for i in range(min(event.num_drafted, MAX_POSITIONS)):
             self.drafted_by_position.labels(position=str(i + 1)).inc()

@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from verispec.drafters import DraftModelDrafter, PromptLookupDrafter
+from verispec.drafters import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
 from verispec.server.policy import BatchCostPolicy
 
 STATIC = Path(__file__).parent / "static"
@@ -30,7 +30,7 @@ class PlaygroundConfig(BaseModel):
     target: str = Field(description="The target model")
     draft: str | None = Field(description="The draft model, if the server has one")
     drafter: str = Field(
-        description="The server's drafter: model, prompt-lookup, none, or another's name"
+        description="The server's drafter: model, prompt-lookup, hybrid, none, or another's name"
     )
     drafters: list[str] = Field(description="What a request's verispec.drafter may pick")
     num_draft_tokens: int | Literal["auto"] = Field(description="The server's draft length")
@@ -47,6 +47,8 @@ def _drafter_kind(drafter: Any) -> str:
         return "model"
     if isinstance(drafter, PromptLookupDrafter):
         return "prompt-lookup"
+    if isinstance(drafter, HybridDrafter):
+        return "hybrid"
     return str(getattr(drafter, "name", type(drafter).__name__))
 
 

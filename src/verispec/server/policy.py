@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from verispec.batching import batched_forward, release
-from verispec.costs import expected_tokens
+from verispec.costs import CostModel, expected_tokens
 from verispec.models import LanguageModel
 
 
@@ -75,7 +75,8 @@ class DraftPolicy(Protocol):
     def observe(
         self, *, rows: int, seconds: float, draft_lengths: Sequence[int], draft_seconds: float
     ) -> None:
-        """The pass just run: positions scored (padded), its time, the drafts and their time."""
+        """The pass just run: positions scored (padded), its time, the draft lengths (0 for a
+        prompt lookup's, which cost nothing) and the drafting time."""
         ...
 
 
@@ -182,6 +183,22 @@ class BatchCostPolicy:
                 best_rate, best = tokens / seconds, ks
         self.choices = best if best_rate > plain_rate * self.margin else [0] * batch
         return list(self.choices)
+
+    def sequence_costs(self) -> CostModel:
+        """One sequence's relative costs (:class:`verispec.costs.CostModel`) as measured and
+        learned so far: ``c_verify[k] = T(k + 1) / T(1)``, ``c_draft`` = one draft step / T(1).
+
+        For a proposer that chooses its own draft source and length per pass under an
+        :class:`~verispec.costs.AdaptiveDraftLength` (``HybridDrafter``); the batch's
+        draft length stays this policy's choice and caps it.
+        """
+        one = max(self.costs.target(1), 1e-12)
+        c_verify = (1.0, *(self.costs.target(k + 1) / one for k in range(1, self.max_k + 1)))
+        return CostModel(
+            c_verify=c_verify,
+            c_draft=self.costs.draft([1]) / one,
+            target_step_seconds=one,
+        )
 
     def observe(
         self, *, rows: int, seconds: float, draft_lengths: Sequence[int], draft_seconds: float

@@ -5,7 +5,8 @@ Requests enter a bounded queue. Each iteration of the worker:
 1. admits waiting requests while the batch has room (their prompt pass runs now);
 2. retires sequences whose client went away (their KV slots are freed);
 3. asks the policy how many tokens each sequence drafts, and drafts them
-   (a draft model runs batched: one pass per draft step for all sequences);
+   (a draft model runs batched: one pass per draft step for all sequences; a
+   hybrid sequence first picks prompt lookup or the draft model for this pass);
 4. scores every sequence's ``[last token, *draft]`` in ONE batched target pass
    (:func:`verispec.batching.batched_forward`, ragged lengths);
 5. verifies each sequence on its own (:func:`verispec.engine.finish_step`: its
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import threading
 import time
@@ -31,7 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from verispec.batching import batched_forward, pooled, propose_batch, release
-from verispec.drafters import Draft, Drafter, DraftModelDrafter, PromptLookupDrafter
+from verispec.costs import AdaptiveDraftLength
+from verispec.drafters import (
+    Draft,
+    Drafter,
+    DraftModelDrafter,
+    HybridDrafter,
+    PromptLookupDrafter,
+)
 from verispec.engine import SequenceState, draft_budget, finish_step, start_sequence
 from verispec.errors import VerispecError
 from verispec.generate import Detokenizer, to_text_event
@@ -74,7 +83,7 @@ class GenerationRequest:
     max_tokens: int
     stop: list[str]
     deliver: Callable[[Update], None]  # called from the worker thread; must not block
-    drafter: str | None = None  # "model", "prompt-lookup" or "none"; None: the server's
+    drafter: str | None = None  # "model", "prompt-lookup", "hybrid" or "none"; None: the server's
     num_draft_tokens: int | None = None  # a fixed draft length; None: the policy's choice
     provenance: bool = False  # report each token's origin in the updates
     cancelled: bool = False
@@ -117,16 +126,30 @@ class Scheduler:
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
-        # Caches live in per-model slot pools, one slot per running sequence.
+        # Caches live in per-model slot pools, one slot per running sequence. The draft
+        # model's pool is shared by every request that drafts with it ("model", "hybrid").
         self.target = pooled(target, slots=max_batch)
         if isinstance(drafter, DraftModelDrafter):
             drafter = DraftModelDrafter(pooled(drafter.model, slots=max_batch), target=self.target)
+        elif isinstance(drafter, HybridDrafter):
+            drafter = _with_model_drafter(
+                drafter,
+                DraftModelDrafter(pooled(drafter.model, slots=max_batch), target=self.target),
+            )
         self.drafter = drafter
         # What a request may pick instead (its "drafter" option); prompt lookup costs nothing.
-        lookup = drafter if isinstance(drafter, PromptLookupDrafter) else PromptLookupDrafter()
+        lookup = PromptLookupDrafter()
+        if isinstance(drafter, PromptLookupDrafter):
+            lookup = drafter
+        elif isinstance(drafter, HybridDrafter) and isinstance(drafter.lookup, PromptLookupDrafter):
+            lookup = PromptLookupDrafter(max_ngram=drafter.lookup.max_ngram)
         self.drafters: dict[str, Drafter | None] = {"none": None, "prompt-lookup": lookup}
         if isinstance(drafter, DraftModelDrafter):
             self.drafters["model"] = drafter
+            self.drafters["hybrid"] = HybridDrafter(drafter)
+        elif isinstance(drafter, HybridDrafter):
+            self.drafters["model"] = drafter.model_drafter
+            self.drafters["hybrid"] = drafter
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_k = num_draft_tokens if drafter is not None else 0
@@ -249,6 +272,7 @@ class Scheduler:
             except (VerispecError, ValueError, RuntimeError) as exc:
                 request.deliver(Update(text="", num_tokens=0, error=str(exc)))
                 continue
+            self._attach_policy(seq, request)
             tokenizer = self.target.tokenizer
             detok = Detokenizer(tokenizer, request.stop) if tokenizer is not None else None
             trace = ProvenanceTracker(tokenizer) if request.provenance else None
@@ -277,9 +301,31 @@ class Scheduler:
                 self.metrics.prompt_tokens.inc(len(item.request.prompt_ids))
                 self.metrics.queue_wait.observe(now - item.request.submitted_at)
 
+    def _attach_policy(self, seq: SequenceState, request: GenerationRequest) -> None:
+        """Under a cost policy (-k auto), a proposer that picks its own draft source per
+        pass (hybrid) gets a per-sequence :class:`AdaptiveDraftLength`, attached as
+        :func:`verispec.engine.speculate` attaches it; the batch policy's draft length caps
+        its choice. A request with a fixed draft length gets none: like a fixed k in the
+        engine, it drafts by lookup where the context repeats, else by the draft model."""
+        attach = getattr(seq.proposer, "attach_policy", None)
+        sequence_costs = getattr(self.policy, "sequence_costs", None)
+        if attach is None or sequence_costs is None or request.num_draft_tokens is not None:
+            return
+        seq.policy = AdaptiveDraftLength(sequence_costs())
+        attach(seq.policy)
+        seq.proposer_chooses = True
+
     def _step(self) -> None:
         batch = self._running
         seqs = [item.seq for item in batch]
+        choosers = [s.policy for s in seqs if s.proposer_chooses and s.policy is not None]
+        sequence_costs = getattr(self.policy, "sequence_costs", None)
+        if choosers and sequence_costs is not None:
+            # The per-sequence policies follow the batch policy's learned costs (the
+            # server's counterpart of the engine's per-sequence observe_time).
+            costs = sequence_costs()
+            for policy in choosers:
+                policy.costs, policy.c_draft = costs, costs.c_draft
         # 3. Draft lengths from the policy, then the drafts.
         budgets = [self._budget(item) for item in batch]
         ks = self.policy.choose([item.estimate for item in batch], budgets)
@@ -307,7 +353,10 @@ class Scheduler:
         for item, k, draft, rows in zip(batch, ks, drafts, logits, strict=True):
             item.seq.stats.time_draft += t1 - t0
             event = finish_step(self.target, item.seq, draft, rows, started=t1)
+            item.seq.last_draft_free = draft.free
             item.estimate.observe(asked=k, drafted=event.num_drafted, accepted=event.num_accepted)
+            if item.seq.policy is not None:  # a hybrid's source choice learns from this pass
+                item.seq.policy.observe(event.num_drafted, event.num_accepted, free=draft.free)
             text_event = to_text_event(item.detok, event, item.seq.stats)
             finish = text_event.finish_reason
             provenance = None
@@ -331,14 +380,14 @@ class Scheduler:
                 )
             )
             if self.metrics is not None:
-                self.metrics.record_pass(event, len(text_event.tokens))
+                self.metrics.record_pass(event, len(text_event.tokens), free=draft.free)
             if finish is not None:
                 done.append(item)
         num_rows = len(inputs) * max(len(i) for i in inputs)  # what the padded pass scored
         self.policy.observe(
             rows=num_rows,
             seconds=t2 - t1,
-            draft_lengths=[len(d.tokens) for d in drafts],
+            draft_lengths=[0 if d.free else len(d.tokens) for d in drafts],  # lookups cost 0
             draft_seconds=t1 - t0,
         )
         if self.metrics is not None:
@@ -368,6 +417,16 @@ def _free(seq: SequenceState) -> None:
     """Give a sequence's KV slots back (target and draft model)."""
     release(seq.cache)
     release(getattr(seq.proposer, "cache", None))
+    # A hybrid proposer keeps its draft-model proposer (and its cache) one level down.
+    release(getattr(getattr(seq.proposer, "model", None), "cache", None))
+
+
+def _with_model_drafter(hybrid: HybridDrafter, model_drafter: DraftModelDrafter) -> HybridDrafter:
+    """``hybrid`` (its lookup and settings as they are) drafting with ``model_drafter``."""
+    out = copy.copy(hybrid)
+    out.model_drafter = model_drafter
+    out.model = model_drafter.model
+    return out
 
 
 def _prefill_groups(

@@ -49,10 +49,12 @@ class VerispecOptions(BaseModel):
     """Extension: per-request speculation settings (ordinary clients leave it out)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    drafter: Literal["model", "prompt-lookup", "none"] | None = Field(
+    drafter: Literal["model", "prompt-lookup", "hybrid", "none"] | None = Field(
         None,
         description="Where draft tokens come from for this request: the server's draft model, "
-        "prompt lookup (n-gram), or none (plain decoding). Default: the server's drafter.",
+        "prompt lookup (n-gram), hybrid (per pass, prompt lookup or the draft model, whichever "
+        "its acceptance rates predict to be faster; only where the server has a draft model, as "
+        "model), or none (plain decoding). Default: the server's drafter.",
     )
     num_draft_tokens: int | None = Field(
         None, ge=0, le=64, description="Fixed draft length; default: the server's policy."
@@ -160,6 +162,10 @@ class Speculation(BaseModel):
 
     drafted: int = Field(description="Draft tokens proposed")
     accepted: int = Field(description="Draft tokens the target accepted")
+    free_drafted: int = Field(
+        description="Of the drafted tokens, those proposed by prompt lookup (free); the rest "
+        "came from the draft model (both happen with the hybrid drafter)",
+    )
     acceptance_rate: float = Field(description="accepted / drafted (0 when nothing was drafted)")
     mean_accepted_length: float = Field(description="Tokens generated per target pass")
     target_passes: int

@@ -59,6 +59,7 @@
     const names = {
       model: `draft model${draftLabel}`,
       "prompt-lookup": "prompt lookup",
+      hybrid: `hybrid: prompt lookup or draft model${draftLabel}`,
       none: "no drafter",
     };
     const serverDrafter = names[config.drafter] || config.drafter;
