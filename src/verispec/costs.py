@@ -59,21 +59,26 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def _time_forwards(
-    model: LanguageModel, context: list[int], lengths: list[int], repeats: int
+def _time_passes(
+    passes: list[tuple[LanguageModel, int]], context: list[int], repeats: int
 ) -> list[float]:
-    """Best time of a pass over each of ``lengths`` new tokens, rounds interleaved.
+    """Best time of each ``(model, new tokens)`` pass on a warm cache, rounds interleaved.
 
-    Every round times each length once, so load that comes and goes while
-    measuring hits all lengths alike instead of inflating some of the ratios.
+    Every round times each pass once, so load that comes and goes while
+    measuring hits all of them alike instead of inflating some of the ratios.
     """
-    cache = model.new_cache()
-    model.forward(cache, context, num_logits=1)
-    base = cache.length
-    best = [float("inf")] * len(lengths)
+    caches = {}
+    for model, _ in passes:
+        if id(model) not in caches:
+            cache = model.new_cache()
+            model.forward(cache, context, num_logits=1)
+            caches[id(model)] = cache
+    base = len(context)
+    best = [float("inf")] * len(passes)
     for round_ in range(repeats + 1):
-        for i, n_new in enumerate(lengths):
+        for i, (model, n_new) in enumerate(passes):
             new = [context[j % len(context)] for j in range(n_new)]
+            cache = caches[id(model)]
             t0 = time.perf_counter()
             model.forward(cache, new)
             elapsed = time.perf_counter() - t0
@@ -93,21 +98,16 @@ def measure_costs(
 ) -> CostModel:
     """Time target passes of 1..max_k+1 positions (and one draft step) on a warm cache."""
     context = [(i * 7919) % target.vocab_size for i in range(context_length)]
-    times = _time_forwards(target, context, list(range(1, max_k + 2)), repeats)
+    passes = [(target, n) for n in range(1, max_k + 2)]
+    if draft is not None:
+        passes.append((draft, 1))
+    times = _time_passes(passes, context, repeats)
     one = times[0]
-    c_verify = [1.0] + [t / one for t in times[1:]]
+    c_verify = [1.0] + [t / one for t in times[1 : max_k + 1]]
     # Enforce monotonicity: scoring more positions never costs less (noise aside).
     for k in range(1, len(c_verify)):
         c_verify[k] = max(c_verify[k], c_verify[k - 1])
-    c_draft = 0.0
-    if draft is not None:
-        # Draft and target steps alternate, so both see the same machine state.
-        draft_times, target_times = [], []
-        for _ in range(repeats):
-            draft_times.append(_time_forwards(draft, context, [1], 2)[0])
-            target_times.append(_time_forwards(target, context, [1], 1)[0])
-        c_draft = min(draft_times) / min(target_times)
-        one = min(one, *target_times)
+    c_draft = times[-1] / one if draft is not None else 0.0
     return CostModel(c_verify=tuple(c_verify), c_draft=c_draft, target_step_seconds=one)
 
 

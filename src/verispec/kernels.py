@@ -92,9 +92,9 @@ FUSED_GATE_UP = "verispec_gate_up_proj"
 
 def _fuse(parts: Sequence[nn.Module]) -> nn.Linear | None:
     """One fp32 ``nn.Linear`` whose output is the outputs of ``parts`` side by side."""
-    if not all(type(p) is nn.Linear for p in parts):
+    linears = [p for p in parts if type(p) is nn.Linear]
+    if len(linears) != len(parts):  # already quantized, or another kind of layer
         return None
-    linears: list[nn.Linear] = [p for p in parts if isinstance(p, nn.Linear)]
     biased = [p.bias is not None for p in linears]
     if any(biased) and not all(biased):
         return None

@@ -119,6 +119,12 @@ class LeanRunner:
         self.inv_freq = (1.0 / (theta**exponents)).to(param.device)  # [head_dim / 2]
         self.dtype = hf.model.embed_tokens.weight.dtype
         self.device = param.device
+        # Fused q|k|v and gate|up projections of int8 models (kernels.fuse_projections), or
+        # None where a layer has only the separate ones; looked up once, not every pass.
+        self.fused = [
+            (getattr(layer.self_attn, FUSED_QKV, None), getattr(layer.mlp, FUSED_GATE_UP, None))
+            for layer in hf.model.layers
+        ]
         self._cos = torch.empty(0, self.head_dim, device=self.device)
         self._sin = torch.empty(0, self.head_dim, device=self.device)
 
@@ -166,9 +172,9 @@ class LeanRunner:
         scale = self.head_dim**-0.5
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(inner.layers):
+            qkv_proj, gate_up_proj = self.fused[i]
             attn = layer.self_attn
             h = self._rms_norm(layer.input_layernorm, x)
-            qkv_proj = getattr(attn, FUSED_QKV, None)
             if qkv_proj is not None:  # int8 models: one call for q, k and v
                 qkv = qkv_proj(h).view(n, heads + 2 * kv_heads, head_dim).transpose(0, 1)
                 qk = self._rotate(qkv[: heads + kv_heads], cos, sin)  # RoPE on q and k at once
@@ -193,7 +199,6 @@ class LeanRunner:
             x = x + attn.o_proj(out)
             mlp = layer.mlp
             h = self._rms_norm(layer.post_attention_layernorm, x)
-            gate_up_proj = getattr(mlp, FUSED_GATE_UP, None)
             if gate_up_proj is not None:
                 gate, up = gate_up_proj(h).chunk(2, dim=-1)
             else:

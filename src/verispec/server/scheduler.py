@@ -353,7 +353,6 @@ class Scheduler:
         for item, k, draft, rows in zip(batch, ks, drafts, logits, strict=True):
             item.seq.stats.time_draft += t1 - t0
             event = finish_step(self.target, item.seq, draft, rows, started=t1)
-            item.seq.last_draft_free = draft.free
             item.estimate.observe(asked=k, drafted=event.num_drafted, accepted=event.num_accepted)
             if item.seq.policy is not None:  # a hybrid's source choice learns from this pass
                 item.seq.policy.observe(event.num_drafted, event.num_accepted, free=draft.free)
