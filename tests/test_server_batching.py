@@ -290,6 +290,38 @@ def test_hybrid_requests_under_the_cost_policy_equal_plain_decoding(target, monk
     assert model.model.pool.in_use == 0 and scheduler.target.pool.in_use == 0
 
 
+def test_cost_policy_lets_a_hybrid_draft_by_lookup_where_the_model_does_not_pay(
+    target, monkeypatch
+) -> None:
+    """Draft-model steps cost 5 target passes, so under -k auto a model draft never pays;
+    hybrid requests still draft by prompt lookup wherever their context repeats, because
+    the batch policy charges a sequence that will take a lookup no draft-model time."""
+    scheduler = Scheduler(
+        target,
+        DraftModelDrafter(noisy_copy(target), target=target),
+        max_batch=4,
+        max_queue=16,
+        num_draft_tokens=8,
+    )
+    costs = BatchCosts([1, 64], [1.0, 1.0], draft_batch=[1, 8], draft_seconds=[5.0, 5.0])
+    scheduler.policy = BatchCostPolicy(costs, max_k=8)
+    monkeypatch.setattr(scheduler.policy, "observe", lambda **kw: None)  # keep these costs
+    prompts, lengths = PROMPTS[:3], [24, 12, 20]
+    requests = [
+        _request(p, max_tokens=n, drafter="hybrid") for p, n in zip(prompts, lengths, strict=True)
+    ]
+    results = _run_scheduler(scheduler, requests)
+    for prompt, n, (text, _, stats, _) in zip(prompts, lengths, results, strict=True):
+        assert text == generate(target, None, prompt, max_new_tokens=n).text
+        assert stats.drafted == stats.free_drafted  # the draft model never drafts
+    assert sum(stats.free_drafted for _, _, stats, _ in results) > 0
+    # The same costs without a lookup on the table: no speculation at all.
+    assert scheduler.policy.choose([AcceptanceEstimate()], [8], [False]) == [0]
+    assert scheduler.policy.choose([AcceptanceEstimate()], [8], [True]) != [0]
+    lookup_only = scheduler.policy.choose([AcceptanceEstimate()] * 2, [8, 8], [True, False])
+    assert lookup_only[0] > 0 and lookup_only[1] == 0  # the model sequence pads, drafts nothing
+
+
 def test_stop_strings_and_seeded_sampling_in_a_batch(target) -> None:
     alone = generate(target, None, PROMPTS[0], max_new_tokens=20)
     start = next(i for i in range(3, 18) if alone.text[i : i + 2].isascii())

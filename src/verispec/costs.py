@@ -166,9 +166,13 @@ class AdaptiveDraftLength:
         if self.c_draft < 0:
             self.c_draft = self.costs.c_draft
 
+    def best_model_k(self) -> int:
+        """The draft model's best length now: :meth:`choose` without its probing (and
+        without side effects)."""
+        return replace(self.costs, c_draft=self.c_draft).best_k(self.alpha, max_k=self.max_k)
+
     def choose(self) -> int:
-        costs = replace(self.costs, c_draft=self.c_draft)
-        k = costs.best_k(self.alpha, max_k=self.max_k)
+        k = self.best_model_k()
         if k == 0:
             self._passes_without_draft += 1
             if self._passes_without_draft >= self.probe_every:

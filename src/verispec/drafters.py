@@ -250,6 +250,29 @@ class _HybridProposer:
                 return Draft(tokens=draft.tokens[:k_free], free=True), 0
         return None, k_model
 
+    def takes_lookup(
+        self,
+        context: Sequence[int],
+        k: int,
+        *,
+        params: SamplingParams,
+        generator: torch.Generator,
+    ) -> bool:
+        """Whether :meth:`route` with cap ``k`` would take a (free) prompt-lookup draft
+        this pass. No side effects (the policy's probe count stays), so a batching
+        scheduler can ask before it decides the batch's draft length and leave the draft
+        model's cost out for this sequence."""
+        if k <= 0:
+            return False
+        draft = self.lookup.propose(context, k, params=params, generator=generator)
+        if not draft.tokens:
+            return False
+        if self.policy is None:
+            return True
+        k_free, free_speedup = self.policy.choose_free(len(draft.tokens))
+        k_model = min(self.policy.best_model_k(), k)
+        return k_free > 0 and free_speedup >= self.policy.model_speedup(k_model)
+
     def propose(
         self,
         context: Sequence[int],

@@ -18,7 +18,9 @@ expected tokens of the sequences, ``1 + alpha + ... + alpha^K`` each
 (Leviathan et al.; scaled by how much of a draft a prompt lookup fills, and
 fewer where a sequence's budget is smaller), divides by the
 pass and the K lock-step draft steps, and keeps the best K; 0 (no speculation)
-unless another K beats it by a margin.
+unless another K beats it by a margin. A hybrid sequence that will draft by prompt
+lookup this pass (``free``) is charged no draft step, and for each K the policy also
+weighs letting only such sequences draft (the others pad the pass but draft nothing).
 
 Example: passes of 1-4 rows cost 1 s, 8 rows 5 s. One sequence with alpha 0.9
 drafts K = 3: 3.44 expected tokens in 1 s against 1 token for plain decoding.
@@ -68,8 +70,14 @@ class AcceptanceEstimate:
 
 
 class DraftPolicy(Protocol):
-    def choose(self, estimates: Sequence[AcceptanceEstimate], budgets: Sequence[int]) -> list[int]:
-        """Draft length per sequence, each at most its budget."""
+    def choose(
+        self,
+        estimates: Sequence[AcceptanceEstimate],
+        budgets: Sequence[int],
+        free: Sequence[bool] | None = None,
+    ) -> list[int]:
+        """Draft length per sequence, each at most its budget. ``free[i]``: sequence i
+        drafts this pass by prompt lookup (a hybrid that found a match), at no draft cost."""
         ...
 
     def observe(
@@ -84,7 +92,13 @@ class DraftPolicy(Protocol):
 class FixedDraftLength:
     k: int
 
-    def choose(self, estimates: Sequence[AcceptanceEstimate], budgets: Sequence[int]) -> list[int]:
+    def choose(
+        self,
+        estimates: Sequence[AcceptanceEstimate],
+        budgets: Sequence[int],
+        free: Sequence[bool] | None = None,
+    ) -> list[int]:
+        del estimates, free  # a fixed k drafts its k whatever the estimates and sources
         return [min(self.k, b) for b in budgets]
 
     def observe(
@@ -171,16 +185,27 @@ class BatchCostPolicy:
     margin: float = 1.05  # speculation must promise this much over plain decoding
     choices: list[int] = field(default_factory=list, repr=False)  # last allocation (for tests)
 
-    def choose(self, estimates: Sequence[AcceptanceEstimate], budgets: Sequence[int]) -> list[int]:
+    def choose(
+        self,
+        estimates: Sequence[AcceptanceEstimate],
+        budgets: Sequence[int],
+        free: Sequence[bool] | None = None,
+    ) -> list[int]:
         batch = len(estimates)
+        free = free if free is not None else [False] * batch
         plain_rate = batch / self.costs.target(batch)
         best_rate, best = 0.0, [0] * batch
         for k in range(1, min(self.max_k, max(budgets, default=0)) + 1):
-            ks = [min(k, b) for b in budgets]
-            tokens = sum(e.expected_tokens(n) for e, n in zip(estimates, ks, strict=True))
-            seconds = self.costs.target(batch * (k + 1)) + self.costs.draft(ks)
-            if tokens / seconds > best_rate:
-                best_rate, best = tokens / seconds, ks
+            everyone = [min(k, b) for b in budgets]
+            options = [everyone]
+            if any(free) and not all(free):  # or only the lookups draft (they cost nothing)
+                options.append([n if f else 0 for f, n in zip(free, everyone, strict=True)])
+            for ks in options:
+                tokens = sum(e.expected_tokens(n) for e, n in zip(estimates, ks, strict=True))
+                model_ks = [0 if f else n for f, n in zip(free, ks, strict=True)]
+                seconds = self.costs.target(batch * (k + 1)) + self.costs.draft(model_ks)
+                if tokens / seconds > best_rate:
+                    best_rate, best = tokens / seconds, ks
         self.choices = best if best_rate > plain_rate * self.margin else [0] * batch
         return list(self.choices)
 

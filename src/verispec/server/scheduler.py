@@ -328,7 +328,8 @@ class Scheduler:
                 policy.costs, policy.c_draft = costs, costs.c_draft
         # 3. Draft lengths from the policy, then the drafts.
         budgets = [self._budget(item) for item in batch]
-        ks = self.policy.choose([item.estimate for item in batch], budgets)
+        free = [_takes_lookup(item.seq, b) for item, b in zip(batch, budgets, strict=True)]
+        ks = self.policy.choose([item.estimate for item in batch], budgets, free)
         # A request that fixed its draft length drafts its budget, whatever the policy says.
         ks = [
             b if item.request.num_draft_tokens is not None else k
@@ -410,6 +411,15 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self._waiting))
             self.metrics.running.set(len(self._running))
+
+
+def _takes_lookup(seq: SequenceState, budget: int) -> bool:
+    """A hybrid sequence that picks its own source and will draft this pass by prompt
+    lookup: the batch policy charges it no draft-model time."""
+    takes_lookup = getattr(seq.proposer, "takes_lookup", None)
+    if not seq.proposer_chooses or takes_lookup is None:
+        return False
+    return bool(takes_lookup(seq.tokens, budget, params=seq.params, generator=seq.generator))
 
 
 def _free(seq: SequenceState) -> None:
