@@ -144,17 +144,21 @@ def test_fused_projections_give_the_same_logits(build: Any) -> None:
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
-def test_int8_models_get_quantized_fused_projections() -> None:
+@pytest.mark.parametrize("batch_invariant", [True, False])
+def test_int8_models_get_quantized_fused_projections(batch_invariant: bool) -> None:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    from verispec.kernels import FUSED_GATE_UP, FUSED_QKV, optimize
+    from verispec.kernels import FUSED_GATE_UP, FUSED_QKV, RowQuantizedLinear, optimize
 
     hf = _qwen2()
     full = HFModel(hf=_qwen2(), tokenizer=None, name="fp32")
-    optimize(hf, device="cpu", precision="int8")
+    optimize(hf, device="cpu", precision="int8", batch_invariant=batch_invariant)
+    kind = RowQuantizedLinear if batch_invariant else DynamicLinear
     for layer in hf.model.layers:
-        assert isinstance(getattr(layer.self_attn, FUSED_QKV), DynamicLinear)
-        assert isinstance(getattr(layer.mlp, FUSED_GATE_UP), DynamicLinear)
+        assert isinstance(getattr(layer.self_attn, FUSED_QKV), kind)
+        assert isinstance(getattr(layer.mlp, FUSED_GATE_UP), kind)
+        assert isinstance(layer.self_attn.q_proj, kind) and isinstance(layer.mlp.down_proj, kind)
+    assert isinstance(hf.lm_head, kind)
     lean = HFModel(hf=hf, tokenizer=None, name="int8", runner="lean")
     tokens = torch.randint(0, VOCAB, (64,), generator=torch.Generator().manual_seed(4)).tolist()
     got = lean.forward(lean.new_cache(), tokens)
@@ -168,3 +172,52 @@ def test_int8_models_get_quantized_fused_projections() -> None:
     err_fused = (got - want).abs().mean().item()
     err_separate = (other - want).abs().mean().item()
     assert err_fused < 1.5 * err_separate < 0.3 * want.std().item()
+
+
+@pytest.mark.parametrize("model", [_qwen2, _llama])
+def test_an_int8_target_scores_each_position_as_decoding_it_alone_does(model: Any) -> None:
+    """Verification scores k + 1 positions in one pass. With an int8 target each must
+    get, bit for bit, the logits that decoding it alone gives, or speculative decoding
+    would not reproduce plain int8 decoding. fbgemm's own dynamic linear (one activation
+    scale per call, used for drafts) fails this, which shows the check can fail; the
+    per-row quantized layers and per-query attention of a target pass it."""
+    from verispec.kernels import optimize
+
+    tokens = torch.randint(0, VOCAB, (52,), generator=torch.Generator().manual_seed(5)).tolist()
+    for batch_invariant in (True, False):
+        hf = model()
+        optimize(hf, device="cpu", precision="int8", batch_invariant=batch_invariant)
+        lean = HFModel(hf=hf, tokenizer=None, name="int8", runner="lean")
+        assert lean.lean is not None and lean.lean.exact_rows == batch_invariant
+        cache = lean.new_cache()
+        lean.forward(cache, tokens[:40])  # a prompt pass, as in both decoding modes
+        for n in (2, 6, 12):
+            together = lean.forward(cache, tokens[40 : 40 + n])  # [n, vocab]
+            cache.crop(40)
+            alone = torch.cat([lean.forward(cache, [t]) for t in tokens[40 : 40 + n]])
+            cache.crop(40)
+            assert torch.equal(together, alone) == batch_invariant, n
+
+
+def test_speculative_decoding_with_an_int8_target_equals_plain_int8_decoding() -> None:
+    from verispec.kernels import optimize
+
+    hf = _qwen2()
+    optimize(hf, device="cpu", precision="int8")
+    target = HFModel(hf=hf, tokenizer=None, name="int8", runner="lean")
+    draft_hf = _qwen2()
+    with torch.no_grad():  # a draft close to the target: long accepted runs
+        for p in draft_hf.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    optimize(draft_hf, device="cpu", precision="int8", batch_invariant=False)
+    draft = HFModel(hf=draft_hf, tokenizer=None, name="draft", runner="lean")
+    for seed in range(3):
+        prompt = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(seed))
+        plain = generate(target, None, prompt.tolist(), max_new_tokens=40)
+        for k in (3, 8):
+            spec = generate(
+                target, DraftModelDrafter(draft, target=target), prompt.tolist(),
+                max_new_tokens=40, num_draft_tokens=k,
+            )  # fmt: skip
+            assert spec.token_ids == plain.token_ids
+            assert spec.stats.accepted > 0  # the drafts were really verified in groups

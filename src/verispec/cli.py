@@ -199,6 +199,7 @@ def load_pair(args: argparse.Namespace, *, progress: bool) -> tuple[Any, Any]:
             args.draft,
             precision=draft_precision,
             vocab_limit=args.draft_vocab,
+            batch_invariant=False,  # a draft's scores never change the output
             progress=progress,
             **common,
         )

@@ -131,9 +131,60 @@ def fuse_projections(layer: nn.Module) -> bool:
     return True
 
 
-def quantize_int8(model: nn.Module) -> int:
+class RowQuantizedLinear(nn.Module):
+    """Dynamic int8 linear layer whose activations are quantized row by row (per token).
+
+    fbgemm's dynamic int8 linear quantizes its whole input with one scale and
+    zero point, taken from the input's min and max, so a row's result depends on
+    the other rows of the call: a position verified together with k drafts gets
+    other logits than when it is decoded alone, and speculative decoding with an
+    int8 target would not reproduce plain int8 decoding. Here each row is divided
+    by its largest magnitude and two constant columns (+1 and -1, whose weights are
+    zero) give every row the same range [-1, 1], so every call quantizes with the
+    same parameters; int8 products accumulate exactly in int32, so row i's output
+    is bit for bit the same whatever else is in the call. Weights are quantized per
+    output channel (so a fused projection equals its parts). Costs two small
+    element-wise passes over the input per call.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        padded = nn.Linear(self.in_features + 2, self.out_features, bias=False)
+        with torch.no_grad():
+            padded.weight[:, : self.in_features].copy_(linear.weight.detach().float())
+            padded.weight[:, self.in_features :] = 0.0
+        self.inner = quantize_dynamic(
+            nn.Sequential(padded), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8
+        )[0]
+        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.ends = torch.tensor([[1.0, -1.0]])  # [1, 2]: every row's range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        shape, size = x.shape, self.in_features
+        flat = x.reshape(-1, size)  # [M, in]
+        scale = torch.linalg.vector_norm(flat, ord=float("inf"), dim=1, keepdim=True)  # [M, 1]
+        scale.clamp_min_(torch.finfo(flat.dtype).tiny)
+        padded = flat.new_empty(flat.shape[0], size + 2)
+        torch.div(flat, scale, out=padded[:, :size])
+        padded[:, size:] = self.ends
+        out = self.inner(padded).mul_(scale)  # [M, out]
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_int8(model: nn.Module, *, per_row: bool = True) -> int:
     """Dynamic int8 quantization of every ``nn.Linear`` (weights int8, activations fp32).
 
+    ``per_row`` (for a target): :class:`RowQuantizedLinear` layers, whose rows do
+    not depend on one another, so that verifying k drafts in one pass scores each
+    position exactly as decoding it alone would. Without it (for a draft, whose
+    output never changes the result): fbgemm's own dynamic linear, which
+    quantizes each call's input as a whole and is a little cheaper per call.
     Decoder layers also get fused q|k|v and gate|up projections
     (:func:`fuse_projections`), quantized layer by layer so that the fp32
     copies never pile up. Returns the number of layers fused.
@@ -142,14 +193,24 @@ def quantize_int8(model: nn.Module) -> int:
         warnings.simplefilter("ignore")  # the torch.ao API is deprecated but works in torch 2.x
         from torch.ao.quantization import quantize_dynamic
 
+        def quantize(module: nn.Module) -> None:
+            if not per_row:
+                quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+                return
+            for name, child in list(module.named_modules()):
+                if type(child) is nn.Linear:
+                    parent_name, _, attr = name.rpartition(".")
+                    parent = module.get_submodule(parent_name) if parent_name else module
+                    setattr(parent, attr, RowQuantizedLinear(child))
+
         fused = 0
         for layer in getattr(getattr(model, "model", None), "layers", None) or []:
             if fuse_projections(layer):
-                quantize_dynamic(layer, {nn.Linear}, dtype=torch.qint8, inplace=True)
+                quantize(layer)
                 fused += 1
         # The output head is tied to the input embedding in some models; quantizing it
         # copies the weight, leaving the embedding untouched.
-        quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        quantize(model)
         return fused
 
 
@@ -162,17 +223,27 @@ def check_choice(kernels: str, precision: str) -> None:
         )
 
 
-def optimize(model: Any, *, device: str, kernels: str = "auto", precision: str = "fp32") -> str:
+def optimize(
+    model: Any,
+    *,
+    device: str,
+    kernels: str = "auto",
+    precision: str = "fp32",
+    batch_invariant: bool = True,
+) -> str:
     """Apply the chosen kernels / precision to a loaded HF model in place.
 
+    ``batch_invariant=False`` (drafts): int8 layers may let the rows of one call
+    influence each other (cheaper per call; see :func:`quantize_int8`).
     Returns a short description of what was applied (for statistics and logs).
     """
     check_choice(kernels, precision)
     if precision == "int8":
         if device != "cpu":
             raise InvalidArgumentError("int8 precision is a CPU option; use bf16 on a GPU")
-        fused = quantize_int8(model)
-        return f"int8 dynamic quantization (fbgemm; q|k|v and gate|up fused in {fused} layers)"
+        fused = quantize_int8(model, per_row=batch_invariant)
+        how = "fbgemm, per-row activations and per-channel weights" if batch_invariant else "fbgemm"
+        return f"int8 dynamic quantization ({how}; q|k|v and gate|up fused in {fused} layers)"
     if device != "cpu" or precision != "fp32":
         return f"default {precision} kernels"
     if kernels == "default" or not onednn_available():

@@ -25,9 +25,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from verispec.kernels import FUSED_GATE_UP, FUSED_QKV
+from verispec.kernels import FUSED_GATE_UP, FUSED_QKV, RowQuantizedLinear
 
 LEAN_MODEL_TYPES = ("llama", "qwen2")
+# Passes of at most this many positions (verification: k + 1 <= 17) of a model with
+# exact rows attend query by query, as decoding each position alone does.
+EXACT_ROWS_MAX = 17
 
 
 def _rope_theta(config: Any) -> float | None:
@@ -125,6 +128,11 @@ class LeanRunner:
             (getattr(layer.self_attn, FUSED_QKV, None), getattr(layer.mlp, FUSED_GATE_UP, None))
             for layer in hf.model.layers
         ]
+        # An int8 target quantizes each row on its own (kernels.RowQuantizedLinear), so a
+        # position's result must not depend on the other positions of its pass anywhere:
+        # quantization turns the last-bit differences of a batched attention into visible
+        # ones. Such a model's short passes attend query by query.
+        self.exact_rows = any(isinstance(m, RowQuantizedLinear) for m in hf.modules())
         self._cos = torch.empty(0, self.head_dim, device=self.device)
         self._sin = torch.empty(0, self.head_dim, device=self.device)
 
@@ -171,6 +179,7 @@ class LeanRunner:
             mask = torch.arange(past + n, device=self.device)[None, :] <= q_pos  # [n, past + n]
         scale = self.head_dim**-0.5
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        per_query = self.exact_rows and 1 < n <= EXACT_ROWS_MAX
         for i, layer in enumerate(inner.layers):
             qkv_proj, gate_up_proj = self.fused[i]
             attn = layer.self_attn
@@ -187,14 +196,29 @@ class LeanRunner:
             keys, values = cache.keys[i], cache.values[i]
             keys[:, past : past + n] = k
             values[:, past : past + n] = v
-            out = F.scaled_dot_product_attention(
-                q[None],
-                keys[None, :, : past + n],
-                values[None, :, : past + n],
-                attn_mask=mask,
-                scale=scale,
-                enable_gqa=heads != kv_heads,
-            )  # [1, heads, n, head_dim]
+            if per_query:  # the call a one-position pass makes, for each position
+                out = torch.cat(
+                    [
+                        F.scaled_dot_product_attention(
+                            q[None, :, j : j + 1].contiguous(),
+                            keys[None, :, : past + j + 1],
+                            values[None, :, : past + j + 1],
+                            scale=scale,
+                            enable_gqa=heads != kv_heads,
+                        )
+                        for j in range(n)
+                    ],
+                    dim=2,
+                )  # [1, heads, n, head_dim]
+            else:
+                out = F.scaled_dot_product_attention(
+                    q[None],
+                    keys[None, :, : past + n],
+                    values[None, :, : past + n],
+                    attn_mask=mask,
+                    scale=scale,
+                    enable_gqa=heads != kv_heads,
+                )  # [1, heads, n, head_dim]
             out = out[0].transpose(0, 1).reshape(n, heads * head_dim)
             x = x + attn.o_proj(out)
             mlp = layer.mlp

@@ -171,6 +171,7 @@ def load_model(
     kernels: str = "auto",
     vocab_limit: int | None = None,
     runner: str = "auto",
+    batch_invariant: bool = True,
     progress: bool = True,
 ) -> HFModel:
     """Load a model by preset name, local folder, GGUF file or hub id.
@@ -184,6 +185,9 @@ def load_model(
     the special ones, which makes the output head N / vocab as costly.
     ``runner`` picks the forward pass: ``lean`` (:mod:`verispec.lean`, Llama
     and Qwen2), ``hf`` (transformers') or ``auto`` (lean where supported).
+    ``batch_invariant=False`` lets an int8 model's rows of one pass influence each
+    other (fbgemm's per-call activation scale): a little faster, for draft models
+    only, since a target's positions must score the same verified together or alone.
     """
     from pathlib import Path
 
@@ -218,7 +222,9 @@ def load_model(
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         special |= set(_eos_ids(hf, tokenizer))
         kernels_module.trim_vocabulary(hf, vocab_limit, always_keep=frozenset(special))
-    applied = kernels_module.optimize(hf, device=device, kernels=kernels, precision=precision)
+    applied = kernels_module.optimize(
+        hf, device=device, kernels=kernels, precision=precision, batch_invariant=batch_invariant
+    )
     name = os.path.basename(spec.rstrip("/")) or spec
     model = HFModel(
         hf=hf, tokenizer=tokenizer, name=name, eos_token_ids=_eos_ids(hf, tokenizer), runner=runner

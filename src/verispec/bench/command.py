@@ -133,6 +133,7 @@ def _load(spec: str, args: argparse.Namespace, *, role: str) -> Any:
             kernels=getattr(args, "kernels", "auto"),
             runner=getattr(args, "runner", "auto"),
             vocab_limit=getattr(args, "draft_vocab", None) if role == "draft" else None,
+            batch_invariant=role != "draft",
             progress=True,
         )
     except ModelNotFoundError as exc:
