@@ -238,17 +238,17 @@ def test_greedy_batch_equals_each_request_alone(target, drafter_kind) -> None:
     assert all(p.pool.in_use == 0 for p in pools if isinstance(p, PooledModel))
 
 
+def _draft_model_server(target) -> Scheduler:
+    """A scheduler with a (noisy copy) draft model, batches of 4, draft length 8."""
+    drafter = DraftModelDrafter(noisy_copy(target), target=target)
+    return Scheduler(target, drafter, max_batch=4, max_queue=16, num_draft_tokens=8)
+
+
 def test_hybrid_requests_under_the_cost_policy_equal_plain_decoding(target, monkeypatch) -> None:
     """Requests pick hybrid on a draft-model server with -k auto: each gets its own
     adaptive policy that picks lookup or the draft model per pass (a fixed-k hybrid request
     gets none), side by side with the other drafters; greedy output equals plain decoding."""
-    scheduler = Scheduler(
-        target,
-        DraftModelDrafter(noisy_copy(target), target=target),
-        max_batch=4,
-        max_queue=16,
-        num_draft_tokens=8,
-    )
+    scheduler = _draft_model_server(target)
     hybrid, model = scheduler.drafters["hybrid"], scheduler.drafters["model"]
     assert isinstance(hybrid, HybridDrafter) and isinstance(model.model, PooledModel)
     assert hybrid.model is model.model  # one draft-model pool for both
@@ -296,13 +296,7 @@ def test_cost_policy_lets_a_hybrid_draft_by_lookup_where_the_model_does_not_pay(
     """Draft-model steps cost 5 target passes, so under -k auto a model draft never pays;
     hybrid requests still draft by prompt lookup wherever their context repeats, because
     the batch policy charges a sequence that will take a lookup no draft-model time."""
-    scheduler = Scheduler(
-        target,
-        DraftModelDrafter(noisy_copy(target), target=target),
-        max_batch=4,
-        max_queue=16,
-        num_draft_tokens=8,
-    )
+    scheduler = _draft_model_server(target)
     costs = BatchCosts([1, 64], [1.0, 1.0], draft_batch=[1, 8], draft_seconds=[5.0, 5.0])
     scheduler.policy = BatchCostPolicy(costs, max_k=8)
     monkeypatch.setattr(scheduler.policy, "observe", lambda **kw: None)  # keep these costs
