@@ -65,7 +65,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=["fp32", "bf16", "fp16", "int8"],
         default=None,
-        help="target precision (default: fp32 on CPU, bf16 on CUDA); int8 changes the output",
+        help="target precision (default: fp32 on CPU, bf16 on CUDA); int8 changes the output "
+        "(to plain int8 decoding's, which speculation then reproduces)",
     )
     parser.add_argument(
         "--draft-precision",
