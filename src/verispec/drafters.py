@@ -240,15 +240,9 @@ class _HybridProposer:
         A batching scheduler calls this and runs the model drafts of many sequences
         together (:func:`verispec.batching.propose_batch`); :meth:`propose` is both steps.
         """
-        draft = self.lookup.propose(context, k, params=params, generator=generator)
-        if self.policy is None:
-            return (draft, 0) if draft.tokens else (None, k)
-        k_model = min(self.policy.choose(), k)
-        if draft.tokens:
-            k_free, free_speedup = self.policy.choose_free(len(draft.tokens))
-            if k_free > 0 and free_speedup >= self.policy.model_speedup(k_model):
-                return Draft(tokens=draft.tokens[:k_free], free=True), 0
-        return None, k_model
+        k_model = k if self.policy is None else min(self.policy.choose(), k)
+        draft = self._winning_lookup(context, k, k_model, params=params, generator=generator)
+        return (draft, 0) if draft is not None else (None, k_model)
 
     def takes_lookup(
         self,
@@ -264,14 +258,30 @@ class _HybridProposer:
         model's cost out for this sequence."""
         if k <= 0:
             return False
+        k_model = k if self.policy is None else min(self.policy.best_model_k(), k)
+        draft = self._winning_lookup(context, k, k_model, params=params, generator=generator)
+        return draft is not None
+
+    def _winning_lookup(
+        self,
+        context: Sequence[int],
+        k: int,
+        k_model: int,
+        *,
+        params: SamplingParams,
+        generator: torch.Generator,
+    ) -> Draft | None:
+        """The prompt-lookup draft (at most k tokens, cut to its best length under a
+        policy) when one is found and, under a policy, beats k_model draft-model tokens."""
         draft = self.lookup.propose(context, k, params=params, generator=generator)
         if not draft.tokens:
-            return False
+            return None
         if self.policy is None:
-            return True
+            return draft
         k_free, free_speedup = self.policy.choose_free(len(draft.tokens))
-        k_model = min(self.policy.best_model_k(), k)
-        return k_free > 0 and free_speedup >= self.policy.model_speedup(k_model)
+        if k_free > 0 and free_speedup >= self.policy.model_speedup(k_model):
+            return Draft(tokens=draft.tokens[:k_free], free=True)
+        return None
 
     def propose(
         self,
