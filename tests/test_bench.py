@@ -104,15 +104,15 @@ def test_greedy_run_matches_plain_and_reports(tiny, tmp_path: Path, monkeypatch)
     real_run = runner_module.Runner.run
 
     def spy(self, config, unit, *, max_new_tokens):
-        if max_new_tokens == 12:  # not a warm-up
+        if max_new_tokens == 13:  # not a warm-up
             order.append(config.name)
         return real_run(self, config, unit, max_new_tokens=max_new_tokens)
 
     monkeypatch.setattr(runner_module.Runner, "run", spy)
     configs = parse_configs("draft-k3,lookup,hf-plain,hf-assisted,hf-lookup", ks=[3], lookup_k=4)
     bench = run_bench(
-        tiny, tiny, PROMPTS, configs, max_new_tokens=12, params=SamplingParams(), progress=False
-    )
+        tiny, tiny, PROMPTS, configs, max_new_tokens=13, params=SamplingParams(), progress=False
+    )  # 13 tokens: one from the prompt pass, then three passes of 3 drafts + 1 (if no EOS)
     assert len(bench.records) == 3 * 6 and not bench.notes
     # Interleaved: every prompt turn runs all configurations, in an order rotated by one.
     assert order[:6] == [c.name for c in configs]
@@ -213,7 +213,10 @@ def test_solve_alpha_inverts_the_expected_accepted_drafts(alpha: float) -> None:
 
 
 def _drafting_record(passes: tuple[int, ...], *, accepted: int, free: int) -> RunRecord:
+    """A run whose decode passes verified j drafts ``passes[j]`` times (plus its prompt
+    pass, which verified none)."""
     drafted = sum(j * n for j, n in enumerate(passes))
+    passes = (passes[0] + 1, *passes[1:])
     return RunRecord(
         config="x", set_name="s", prompt_id="p", category="s", turn=1, seed=None,
         prompt_tokens=3, token_ids=(1,), time_total=1.0, pass_ends=(1.0,), pass_tokens=(1,),

@@ -97,6 +97,8 @@ def test_local_folder_generates_json(capsys, model_dirs) -> None:
         "--json",
         "-k",
         "3",
+        "--draft-precision",
+        "fp32",
     )
     assert code == 0
     payload = json.loads(out)

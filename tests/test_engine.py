@@ -87,7 +87,7 @@ def test_draft_model_one_behind_after_full_accept(target) -> None:
     events = list(speculate(target, drafter, PROMPT, max_new_tokens=9, num_draft_tokens=3))
     proposer = events[-1][1].proposer
     seq = events[-1][1]
-    assert [len(e.tokens) for e, _ in events] == [4, 4, 1]
+    assert [len(e.tokens) for e, _ in events] == [1, 4, 4]  # the prompt pass gives one
     # The draft cache holds exactly the verified prefix it was last fed, and agrees with it.
     assert proposer.cached == seq.tokens[: len(proposer.cached)]
     assert proposer.cache.length == len(proposer.cached)
@@ -121,7 +121,7 @@ def test_eos_inside_an_accepted_run_ends_there() -> None:
     result = generate(model, drafter, [0, 1], max_new_tokens=30, num_draft_tokens=8)
     assert result.token_ids == reference
     assert result.token_ids[-1] in model.eos_token_ids and result.finish_reason == "eos"
-    assert result.stats.target_passes == 1  # EOS came inside the first accepted run
+    assert result.stats.target_passes == 2  # the prompt pass, then EOS inside the first run
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 10])
@@ -198,3 +198,31 @@ def test_sampling_with_a_seed_repeats(target) -> None:
     b = generate(target, drafter, PROMPT, **kwargs)
     assert a.token_ids == b.token_ids
     assert SamplingParams(temperature=0.9).greedy is False
+
+
+def test_the_prompt_pass_gives_the_first_token(target, monkeypatch) -> None:
+    """No one-token pass stands between the prompt and the first token: plain decoding of
+    n tokens is one pass over the whole prompt, then n - 1 one-token passes."""
+    fed: list[int] = []
+    forward = type(target).forward
+
+    def spy(self, cache, tokens, **kw):
+        if self is target:
+            fed.append(len(tokens))
+        return forward(self, cache, tokens, **kw)
+
+    monkeypatch.setattr(type(target), "forward", spy)
+    result = generate(target, None, PROMPT, max_new_tokens=5)
+    assert fed == [len(PROMPT), 1, 1, 1, 1]
+    assert result.token_ids == plain_greedy(target, PROMPT, 5)
+    stats = result.stats
+    assert stats.target_passes == 5 and stats.passes_by_draft_length == [5]
+    assert 0 < stats.time_prefill == stats.time_to_first_token <= stats.time_total
+    fed.clear()
+    one = generate(target, None, [7], max_new_tokens=1)  # a one-token prompt, one new token
+    assert fed == [1] and one.finish_reason == "length" and len(one.token_ids) == 1
+    # Speculative decoding drafts after the prompt pass's token: [t1, d1, d2] next.
+    fed.clear()
+    drafter = DraftModelDrafter(tiny_llama(seed=0), target=target)
+    generate(target, drafter, PROMPT, max_new_tokens=4, num_draft_tokens=2)
+    assert fed[:2] == [len(PROMPT), 3]

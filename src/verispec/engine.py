@@ -5,8 +5,13 @@ everything a sequence owns (tokens, target cache, drafter state, random
 generator, statistics), so a scheduler can step many sequences; nothing here
 is global.
 
-Invariant: the target cache holds every token but the last one. Each pass
-feeds ``[last token, d_1 .. d_k]`` and gets k + 1 rows of logits; after
+The first pass is the prompt pass: it scores the whole prompt and picks the
+first new token from its last row (as plain decoding in transformers or
+llama.cpp does), so no extra one-token pass stands between the prompt and the
+first token.
+
+Invariant: after it, the target cache holds every token but the last one. Each
+pass feeds ``[last token, d_1 .. d_k]`` and gets k + 1 rows of logits; after
 verification keeps ``d_1 .. d_n`` plus one recovered or bonus token, the cache
 is cropped to the context plus the n accepted drafts, and the new last token
 is again the one not yet fed.
@@ -30,7 +35,7 @@ from verispec.stats import GenerationStats
 from verispec.verify import greedy_verify, rejection_sample
 
 MAX_DRAFT_TOKENS = 64
-_NO_DRAFT = Draft(tokens=[])
+NO_DRAFT = Draft(tokens=[])  # a pass that verifies no draft (the prompt pass, k = 0)
 
 
 @dataclass(frozen=True)
@@ -94,13 +99,9 @@ def start_sequence(
     *,
     params: SamplingParams,
     max_new_tokens: int,
-    prefill: bool = True,
 ) -> SequenceState:
-    """Validate, then run the prompt pass (all prompt tokens but the last).
-
-    ``prefill=False`` leaves the prompt pass to the caller (a scheduler that runs
-    the prompt passes of several new sequences as one batch).
-    """
+    """Validate and set up a sequence; its prompt pass (:func:`prompt_step`, or a
+    scheduler's batched one finished by :func:`finish_prompt`) comes next."""
     if not prompt_ids:
         raise InvalidArgumentError("the prompt is empty")
     if len(prompt_ids) >= target.max_context:
@@ -121,10 +122,16 @@ def start_sequence(
         generator=params.make_generator(),
     )
     seq.stats.prompt_tokens = len(prompt_ids)
-    if prefill and len(prompt_ids) > 1:
-        target.forward(seq.cache, prompt_ids[:-1], num_logits=1)
-    seq.stats.time_prefill = time.perf_counter() - seq.started_at
     return seq
+
+
+def prompt_step(target: LanguageModel, seq: SequenceState) -> StepEvent:
+    """The prompt pass: score the whole prompt and emit the first new token from its
+    last row. It counts as a target pass that verified no draft; its time is the
+    prompt pass's (``time_prefill``, measured from the sequence's start)."""
+    started = time.perf_counter()
+    logits = target.forward(seq.cache, seq.tokens, num_logits=1)  # [1, vocab]
+    return finish_step(target, seq, NO_DRAFT, logits, started=started, prompt=True)
 
 
 def draft_budget(target: LanguageModel, seq: SequenceState, num_draft_tokens: int) -> int:
@@ -139,7 +146,7 @@ def step(target: LanguageModel, seq: SequenceState, num_draft_tokens: int) -> St
     # 1. How many tokens to draft.
     k = draft_budget(target, seq, num_draft_tokens)
     t0 = time.perf_counter()
-    draft = _NO_DRAFT
+    draft = NO_DRAFT
     if seq.proposer is not None and k > 0:
         draft = seq.proposer.propose(seq.tokens, k, params=seq.params, generator=seq.generator)
     seq.last_draft_free = draft.free
@@ -157,9 +164,11 @@ def finish_step(
     logits: torch.Tensor,  # [k' + 1, vocab]: the target's pass over [last token, *draft.tokens]
     *,
     started: float,  # perf_counter() when the target pass began (for time_verify)
+    prompt: bool = False,  # the prompt pass (logits: its last row; draft: none)
 ) -> StepEvent:
     """Steps 3-5 of a pass: verify, roll back, emit. A scheduler that scores many
-    sequences in one batched target pass calls this once per sequence."""
+    sequences in one batched target pass calls this once per sequence, and with
+    ``prompt=True`` for each sequence of a batched prompt pass."""
     stats = seq.stats
     remaining = seq.max_new_tokens - len(seq.generated)
     # 3. Verify.
@@ -192,8 +201,11 @@ def finish_step(
         emitted=len(new),
         free=draft.free,
     )
-    stats.time_verify += t2 - started
     stats.time_total = time.perf_counter() - seq.started_at
+    if prompt:
+        stats.time_prefill = stats.time_total
+    else:
+        stats.time_verify += t2 - started
     if stats.target_passes == 1:
         stats.time_to_first_token = stats.time_total
     return StepEvent(
@@ -230,6 +242,7 @@ def speculate(
     if num_draft_tokens == "auto" and costs is None and drafter is not None:
         raise InvalidArgumentError("num_draft_tokens='auto' needs a cost model (costs=...)")
     seq = start_sequence(target, drafter, prompt_ids, params=params, max_new_tokens=max_new_tokens)
+    first = prompt_step(target, seq)
     if num_draft_tokens == "auto" and costs is not None:
         seq.policy = AdaptiveDraftLength(costs)
         attach = getattr(seq.proposer, "attach_policy", None)
@@ -237,12 +250,13 @@ def speculate(
             attach(seq.policy)
             seq.proposer_chooses = True
     fixed_k = num_draft_tokens if isinstance(num_draft_tokens, int) else 0
-    return _run(target, seq, fixed_k)
+    return _run(target, seq, fixed_k, first)
 
 
 def _run(
-    target: LanguageModel, seq: SequenceState, fixed_k: int
+    target: LanguageModel, seq: SequenceState, fixed_k: int, first: StepEvent
 ) -> Generator[tuple[StepEvent, SequenceState], None, None]:
+    yield first, seq
     while seq.finish_reason is None:
         if seq.policy is None:
             k = fixed_k

@@ -17,7 +17,7 @@ class GenerationStats:
     accepted: int = 0
     drafted_by_position: list[int] = field(default_factory=list)  # [k_max]
     accepted_by_position: list[int] = field(default_factory=list)  # [k_max]
-    # [j]: target passes that verified j drafted tokens (the prompt pass is not one)
+    # [j]: target passes that verified j drafted tokens (the prompt pass counts at j = 0)
     passes_by_draft_length: list[int] = field(default_factory=list)
     free_drafted: int = 0  # drafted tokens that cost (next to) nothing: prompt lookup
     time_prefill: float = 0.0  # seconds in the prompt pass

@@ -8,8 +8,10 @@ MT-bench category):
 - speedup: per prompt, tokens/s over the plain configuration's on the same
   prompt; median and min..max over prompts;
 - decode speedup: the same ratio after the first pass (tokens after the first
-  pass / time after it): what speculation changes, with the prompt pass, which
-  it cannot speed up, left out. The predicted speedup is a prediction of this one;
+  pass / time after it): what speculation changes, with the target's prompt pass
+  (which gives the first token), which it cannot speed up, left out. A draft
+  model's own prompt pass comes later (with the first draft), so it counts here.
+  The predicted speedup is a prediction of this one;
 - acceptance rate (accepted / drafted), tokens per target pass, acceptance by
   draft position (P(draft token i kept | i tokens were drafted));
 - time to first token (median); per-token latency p50 / p95 (each pass's
@@ -114,6 +116,7 @@ def decode_passes_by_length(runs: Sequence[RunRecord]) -> dict[int, int] | None:
     for r in runs:
         for j, n in enumerate(r.passes_by_draft_length):
             out[j] = out.get(j, 0) + n
+        out[0] -= 1  # the prompt pass, which verified no draft
     return {j: n for j, n in out.items() if n > 0}
 
 

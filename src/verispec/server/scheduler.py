@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from verispec.batching import batched_forward, pooled, propose_batch, release
 from verispec.costs import AdaptiveDraftLength
 from verispec.drafters import (
@@ -41,7 +43,14 @@ from verispec.drafters import (
     HybridDrafter,
     PromptLookupDrafter,
 )
-from verispec.engine import SequenceState, draft_budget, finish_step, start_sequence
+from verispec.engine import (
+    NO_DRAFT,
+    SequenceState,
+    StepEvent,
+    draft_budget,
+    finish_step,
+    start_sequence,
+)
 from verispec.errors import VerispecError
 from verispec.generate import Detokenizer, to_text_event
 from verispec.models import LanguageModel
@@ -267,7 +276,6 @@ class Scheduler:
                     request.prompt_ids,
                     params=request.params,
                     max_new_tokens=request.max_tokens,
-                    prefill=False,
                 )
             except (VerispecError, ValueError, RuntimeError) as exc:
                 request.deliver(Update(text="", num_tokens=0, error=str(exc)))
@@ -277,29 +285,38 @@ class Scheduler:
             detok = Detokenizer(tokenizer, request.stop) if tokenizer is not None else None
             trace = ProvenanceTracker(tokenizer) if request.provenance else None
             new.append(_Running(request=request, seq=seq, detok=detok, trace=trace))
-        try:
-            for group in _prefill_groups([item.seq for item in new]):
-                batched_forward(
-                    self.target,
-                    [s.cache for s in group],
-                    [s.tokens[:-1] for s in group],
-                    num_logits=1,
-                )
-        except Exception as exc:  # e.g. out of memory: fail these requests, keep serving
-            log.exception("prompt pass failed")
-            for item in new:
-                item.request.deliver(
-                    Update(text="", num_tokens=0, error=f"prompt pass failed: {exc}")
-                )
-                _free(item.seq)
-            return
         now = time.perf_counter()
         for item in new:
-            item.seq.stats.time_prefill = now - item.seq.started_at
-            self._running.append(item)
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(len(item.request.prompt_ids))
                 self.metrics.queue_wait.observe(now - item.request.submitted_at)
+        done: list[_Running] = []
+        for group in _prefill_groups(new):
+            try:
+                started = time.perf_counter()
+                logits = batched_forward(
+                    self.target,
+                    [item.seq.cache for item in group],
+                    [item.seq.tokens for item in group],
+                    num_logits=1,
+                )
+            except Exception as exc:  # e.g. out of memory: fail these requests, keep serving
+                log.exception("prompt pass failed")
+                for item in group:
+                    item.request.deliver(
+                        Update(text="", num_tokens=0, error=f"prompt pass failed: {exc}")
+                    )
+                    _free(item.seq)
+                continue
+            # The prompt pass picks each sequence's first token from its last row.
+            for item, rows in zip(group, logits, strict=True):
+                self._running.append(item)
+                event = finish_step(
+                    self.target, item.seq, NO_DRAFT, rows, started=started, prompt=True
+                )
+                if self._emit(item, event, NO_DRAFT, rows):
+                    done.append(item)
+        self._retire(done, cancelled=False)
 
     def _attach_policy(self, seq: SequenceState, request: GenerationRequest) -> None:
         """Under a cost policy (-k auto), a proposer that picks its own draft source per
@@ -357,31 +374,7 @@ class Scheduler:
             item.estimate.observe(asked=k, drafted=event.num_drafted, accepted=event.num_accepted)
             if item.seq.policy is not None:  # a hybrid's source choice learns from this pass
                 item.seq.policy.observe(event.num_drafted, event.num_accepted, free=draft.free)
-            text_event = to_text_event(item.detok, event, item.seq.stats)
-            finish = text_event.finish_reason
-            provenance = None
-            if item.trace is not None:
-                provenance = item.trace.record(
-                    event=event,
-                    text_event=text_event,
-                    draft=draft,
-                    logits=rows,
-                    params=item.seq.params,
-                    detok=item.detok,
-                )
-            item.request.deliver(
-                Update(
-                    text=text_event.text,
-                    num_tokens=len(text_event.tokens),
-                    token_ids=tuple(text_event.tokens),
-                    finish_reason=None if finish is None else _openai_reason(finish),
-                    stats=item.seq.stats if finish is not None else None,
-                    provenance=provenance,
-                )
-            )
-            if self.metrics is not None:
-                self.metrics.record_pass(event, len(text_event.tokens), free=draft.free)
-            if finish is not None:
+            if self._emit(item, event, draft, rows):
                 done.append(item)
         num_rows = len(inputs) * max(len(i) for i in inputs)  # what the padded pass scored
         self.policy.observe(
@@ -393,6 +386,35 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.target_pass(seconds=t2 - t1, rows=num_rows, batch=len(batch))
         self._retire(done, cancelled=False)
+
+    def _emit(self, item: _Running, event: StepEvent, draft: Draft, rows: torch.Tensor) -> bool:
+        """Deliver one pass's tokens (text, provenance, metrics) to the request; True
+        when the sequence finished."""
+        text_event = to_text_event(item.detok, event, item.seq.stats)
+        finish = text_event.finish_reason
+        provenance = None
+        if item.trace is not None:
+            provenance = item.trace.record(
+                event=event,
+                text_event=text_event,
+                draft=draft,
+                logits=rows,
+                params=item.seq.params,
+                detok=item.detok,
+            )
+        item.request.deliver(
+            Update(
+                text=text_event.text,
+                num_tokens=len(text_event.tokens),
+                token_ids=tuple(text_event.tokens),
+                finish_reason=None if finish is None else _openai_reason(finish),
+                stats=item.seq.stats if finish is not None else None,
+                provenance=provenance,
+            )
+        )
+        if self.metrics is not None:
+            self.metrics.record_pass(event, len(text_event.tokens), free=draft.free)
+        return finish is not None
 
     def _budget(self, item: _Running) -> int:
         if item.seq.proposer is None:
@@ -438,19 +460,17 @@ def _with_model_drafter(hybrid: HybridDrafter, model_drafter: DraftModelDrafter)
     return out
 
 
-def _prefill_groups(
-    seqs: list[SequenceState], max_rows: int = PREFILL_ROWS
-) -> list[list[SequenceState]]:
-    """Sequences with a prompt pass to run, grouped by length so that padding stays small:
-    a group's padded size (sequences x longest prompt) stays under ``max_rows`` unless
-    one prompt alone is longer."""
-    todo = sorted((s for s in seqs if len(s.tokens) > 1), key=lambda s: len(s.tokens))
-    groups: list[list[SequenceState]] = []
-    for seq in todo:
-        if groups and (len(groups[-1]) + 1) * (len(seq.tokens) - 1) <= max_rows:
-            groups[-1].append(seq)
+def _prefill_groups(items: list[_Running], max_rows: int = PREFILL_ROWS) -> list[list[_Running]]:
+    """New sequences grouped for their prompt passes by prompt length, so that padding
+    stays small: a group's padded size (sequences x longest prompt) stays under
+    ``max_rows`` unless one prompt alone is longer."""
+    todo = sorted(items, key=lambda item: len(item.seq.tokens))
+    groups: list[list[_Running]] = []
+    for item in todo:
+        if groups and (len(groups[-1]) + 1) * len(item.seq.tokens) <= max_rows:
+            groups[-1].append(item)
         else:
-            groups.append([seq])
+            groups.append([item])
     return groups
 
 
