@@ -442,3 +442,56 @@ def test_measured_costs_cover_the_batch(target) -> None:
     assert costs.target_seconds == sorted(costs.target_seconds)
     assert costs.draft_batch == [1, 2, 4]
     assert pm.pool.in_use == 0
+
+
+def test_a_failing_first_token_fails_only_its_request(target, monkeypatch) -> None:
+    """An error while a new sequence's prompt pass or first token is handled reaches that
+    request as an error; the worker keeps serving the others."""
+    import verispec.server.scheduler as scheduler_module
+
+    real_forward, real_finish = scheduler_module.batched_forward, scheduler_module.finish_step
+
+    def forward(model, caches, tokens, **kw):
+        if kw.get("num_logits") == 1 and PROMPTS[3] in tokens:
+            raise RuntimeError("out of memory (simulated)")
+        return real_forward(model, caches, tokens, **kw)
+
+    def finish(target_, seq, draft, rows, **kw):
+        if kw.get("prompt") and seq.tokens == PROMPTS[0]:
+            raise ValueError("bad first token (simulated)")
+        return real_finish(target_, seq, draft, rows, **kw)
+
+    monkeypatch.setattr(scheduler_module, "batched_forward", forward)
+    monkeypatch.setattr(scheduler_module, "finish_step", finish)
+    groups = scheduler_module._prefill_groups  # one prompt pass per sequence here
+    monkeypatch.setattr(scheduler_module, "_prefill_groups", lambda items: groups(items, 1))
+    scheduler = Scheduler(target, None, max_batch=4, max_queue=16, num_draft_tokens=3)
+    got: dict[int, list[Update]] = collections.defaultdict(list)
+    finished = threading.Semaphore(0)
+
+    def deliver_for(i):
+        def deliver(update: Update) -> None:
+            got[i].append(update)
+            if update.finish_reason is not None or update.error is not None:
+                finished.release()
+
+        return deliver
+
+    scheduler.start()
+    try:
+        for i, prompt in enumerate([PROMPTS[0], PROMPTS[3], PROMPTS[5], PROMPTS[2]]):
+            request = _request(prompt, max_tokens=6)
+            request.deliver = deliver_for(i)
+            scheduler.submit(request)
+        for _ in range(4):
+            assert finished.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert "bad first token" in (got[0][-1].error or "")
+    assert "prompt pass failed" in (got[1][-1].error or "")
+    for i, prompt in ((2, PROMPTS[5]), (3, PROMPTS[2])):
+        assert got[i][-1].error is None
+        assert (
+            "".join(u.text for u in got[i]) == generate(target, None, prompt, max_new_tokens=6).text
+        )
+    assert scheduler.target.pool.in_use == 0

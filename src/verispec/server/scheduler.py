@@ -311,11 +311,18 @@ class Scheduler:
             # The prompt pass picks each sequence's first token from its last row.
             for item, rows in zip(group, logits, strict=True):
                 self._running.append(item)
-                event = finish_step(
-                    self.target, item.seq, NO_DRAFT, rows, started=started, prompt=True
-                )
-                if self._emit(item, event, NO_DRAFT, rows):
-                    done.append(item)
+                try:
+                    event = finish_step(
+                        self.target, item.seq, NO_DRAFT, rows, started=started, prompt=True
+                    )
+                    if self._emit(item, event, NO_DRAFT, rows):
+                        done.append(item)
+                except Exception as exc:  # a bug must not hang the client or the worker
+                    log.exception("first token failed")
+                    item.request.deliver(
+                        Update(text="", num_tokens=0, error=f"generation failed: {exc}")
+                    )
+                    self._retire([item], cancelled=True)
         self._retire(done, cancelled=False)
 
     def _attach_policy(self, seq: SequenceState, request: GenerationRequest) -> None:
