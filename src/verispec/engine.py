@@ -101,7 +101,7 @@ def start_sequence(
     max_new_tokens: int,
 ) -> SequenceState:
     """Validate and set up a sequence; its prompt pass (:func:`prompt_step`, or a
-    scheduler's batched one finished by :func:`finish_prompt`) comes next."""
+    scheduler's batched one finished by ``finish_step(..., prompt=True)``) comes next."""
     if not prompt_ids:
         raise InvalidArgumentError("the prompt is empty")
     if len(prompt_ids) >= target.max_context:
