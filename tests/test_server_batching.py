@@ -183,8 +183,8 @@ def test_batched_hybrid_drafts_equal_sequential_drafts(target, adaptive, monkeyp
     assert pooled_draft.pool.in_use == len(PROMPTS)  # one draft cache per hybrid sequence
 
 
-def _run_scheduler(scheduler, requests):
-    """Submit requests, run to completion, return (text, finish, stats) per request."""
+def _collect_updates(scheduler, requests) -> list[list[Update]]:
+    """Submit requests, run until each has finished or failed; every request's updates."""
     results: dict[int, list[Update]] = {i: [] for i in range(len(requests))}
     done = threading.Semaphore(0)
 
@@ -205,9 +205,13 @@ def _run_scheduler(scheduler, requests):
             assert done.acquire(timeout=60)
     finally:
         scheduler.stop()
+    return [results[i] for i in range(len(requests))]
+
+
+def _run_scheduler(scheduler, requests):
+    """Submit requests, run to completion, return (text, finish, stats, ids) per request."""
     out = []
-    for i in range(len(requests)):
-        updates = results[i]
+    for updates in _collect_updates(scheduler, requests):
         assert updates[-1].error is None, updates[-1].error
         text, ids = "".join(u.text for u in updates), [t for u in updates for t in u.token_ids]
         out.append((text, updates[-1].finish_reason, updates[-1].stats, ids))
@@ -466,27 +470,8 @@ def test_a_failing_first_token_fails_only_its_request(target, monkeypatch) -> No
     groups = scheduler_module._prefill_groups  # one prompt pass per sequence here
     monkeypatch.setattr(scheduler_module, "_prefill_groups", lambda items: groups(items, 1))
     scheduler = Scheduler(target, None, max_batch=4, max_queue=16, num_draft_tokens=3)
-    got: dict[int, list[Update]] = collections.defaultdict(list)
-    finished = threading.Semaphore(0)
-
-    def deliver_for(i):
-        def deliver(update: Update) -> None:
-            got[i].append(update)
-            if update.finish_reason is not None or update.error is not None:
-                finished.release()
-
-        return deliver
-
-    scheduler.start()
-    try:
-        for i, prompt in enumerate([PROMPTS[0], PROMPTS[3], PROMPTS[5], PROMPTS[2]]):
-            request = _request(prompt, max_tokens=6)
-            request.deliver = deliver_for(i)
-            scheduler.submit(request)
-        for _ in range(4):
-            assert finished.acquire(timeout=60)
-    finally:
-        scheduler.stop()
+    prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[5], PROMPTS[2]]
+    got = _collect_updates(scheduler, [_request(p, max_tokens=6) for p in prompts])
     assert "bad first token" in (got[0][-1].error or "")
     assert "prompt pass failed" in (got[1][-1].error or "")
     for i, prompt in ((2, PROMPTS[5]), (3, PROMPTS[2])):
