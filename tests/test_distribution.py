@@ -32,9 +32,11 @@ VOCAB, LENGTH, SAMPLES = 5, 3, 12_000
 PROMPT = [1, 2, 0, 1]
 
 
-def _exact(model: TableModel, params: SamplingParams) -> dict[tuple[int, ...], float]:
+def _exact(
+    model: TableModel, params: SamplingParams, length: int = LENGTH
+) -> dict[tuple[int, ...], float]:
     exact = {}
-    for seq in itertools.product(range(VOCAB), repeat=LENGTH):
+    for seq in itertools.product(range(VOCAB), repeat=length):
         tokens, prob = list(PROMPT), 1.0
         for t in seq:
             prob *= float(warp(model.logits_after(tokens)[None], params)[0, t])
@@ -49,8 +51,10 @@ def _tv_threshold(probs: np.ndarray, n: int) -> float:
     return float(np.quantile(0.5 * np.abs(sims - probs).sum(axis=1), 0.999))
 
 
-def _empirical_tv(target, drafter, params: SamplingParams, k: int) -> tuple[float, float]:
-    exact = _exact(target, params)
+def _empirical_tv(
+    target, drafter, params: SamplingParams, k, *, length: int = LENGTH, costs=None
+) -> tuple[float, float]:
+    exact = _exact(target, params, length)
     keys = list(exact)
     probs = np.array([exact[s] for s in keys])
     probs /= probs.sum()
@@ -60,8 +64,9 @@ def _empirical_tv(target, drafter, params: SamplingParams, k: int) -> tuple[floa
             target,
             drafter,
             PROMPT,
-            max_new_tokens=LENGTH,
+            max_new_tokens=length,
             num_draft_tokens=k,
+            costs=costs,
             temperature=params.temperature,
             top_k=params.top_k,
             top_p=params.top_p,
@@ -98,6 +103,33 @@ def test_hybrid_speculation_is_distribution_exact() -> None:
     drafter = HybridDrafter(DraftModelDrafter(draft, target=target), max_ngram=2, min_ngram=2)
     tv, threshold = _empirical_tv(target, drafter, PARAMS[0], k=2)
     assert tv < threshold, f"TV {tv:.4f} >= threshold {threshold:.4f}"
+
+
+def test_drafts_stopped_by_confidence_are_distribution_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under the adaptive policy a draft stops where the draft model's probability of
+    its own sampled token says one more does not pay, so the draft length depends on
+    the tokens drafted. Four tokens (625 sequences, same method and threshold rule):
+    after the first token two may be drafted, so drafts of both lengths occur."""
+    from verispec.costs import AdaptiveDraftLength, CostModel
+
+    flat = CostModel(c_verify=(1.0,) * 9, c_draft=0.3)
+    monkeypatch.setattr(AdaptiveDraftLength, "observe_time", lambda *a, **k: None)
+    decisions: list[bool] = []
+    keep = AdaptiveDraftLength.keep_drafting
+
+    def counted(self, confidences):
+        decisions.append(keep(self, confidences))
+        return decisions[-1]
+
+    monkeypatch.setattr(AdaptiveDraftLength, "keep_drafting", counted)
+    target, draft = TableModel(VOCAB, seed=10), TableModel(VOCAB, seed=11)
+    drafter = DraftModelDrafter(draft, target=target)
+    tv, threshold = _empirical_tv(target, drafter, PARAMS[0], "auto", length=4, costs=flat)
+    assert tv < threshold, f"TV {tv:.4f} >= threshold {threshold:.4f}"
+    # Both outcomes of the stopping rule happened often (not a fixed length in disguise).
+    assert min(decisions.count(True), decisions.count(False)) > 1000, decisions.count(True)
 
 
 def test_wrong_acceptance_rule_fails_the_same_test(monkeypatch: pytest.MonkeyPatch) -> None:

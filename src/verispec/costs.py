@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -137,6 +138,10 @@ def cached_costs(
     return costs
 
 
+CONFIDENCE_BINS = 10  # draft probabilities are calibrated per tenth of [0, 1]
+CONFIDENCE_PRIOR = 4.0  # weight, in observations, of "acceptance = draft probability"
+
+
 @dataclass
 class AdaptiveDraftLength:
     """Per-sequence draft-length policy: running acceptance estimate + cost model.
@@ -150,6 +155,19 @@ class AdaptiveDraftLength:
     ``c_draft`` starts at the calibrated value and follows what drafting
     really costs in this sequence (:meth:`observe_time`): Python overhead,
     sampling and a busy machine all show up there and not in a calibration.
+
+    With ``follow_confidence`` (set by a draft model that reports how sure it
+    is of each token), alpha only decides whether to draft at all; the draft
+    then runs up to the longest measured length and stops where
+    :meth:`keep_drafting` says one more token no longer pays, judged from the
+    draft model's own probabilities of the tokens it drafted. Acceptance
+    varies a lot within a text (boilerplate, then a free choice of word), and
+    the draft's probability tracks it token by token where a running average
+    cannot. A draft model's probabilities are not acceptance rates (a draft that
+    is the target is always right, however unsure), so each is mapped to one
+    through per-sequence counts of what was accepted in its tenth of [0, 1],
+    starting from the probability itself as a prior worth ``CONFIDENCE_PRIOR``
+    observations.
     """
 
     costs: CostModel
@@ -159,7 +177,13 @@ class AdaptiveDraftLength:
     max_k: int | None = None
     c_draft: float = -1.0  # running estimate; -1 = take the calibrated value
     alpha_free: float = 0.5  # acceptance of free drafts (prompt lookup), tracked apart
+    follow_confidence: bool = False  # drafts stop by keep_drafting (choose() gives the cap)
     _passes_without_draft: int = field(default=0, repr=False)
+    # Confidence calibration: per tenth of [0, 1], [accepted, observed] draft tokens.
+    _by_confidence: list[list[float]] = field(
+        default_factory=lambda: [[0.0, 0.0] for _ in range(CONFIDENCE_BINS)], repr=False
+    )
+    _draft_confidences: list[float] = field(default_factory=list, repr=False)
     _drafted_last_pass: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -171,14 +195,61 @@ class AdaptiveDraftLength:
         without side effects)."""
         return replace(self.costs, c_draft=self.c_draft).best_k(self.alpha, max_k=self.max_k)
 
+    @property
+    def cap(self) -> int:
+        """The longest draft allowed: the longest measured length, or ``max_k``."""
+        return self.costs.max_k if self.max_k is None else min(self.max_k, self.costs.max_k)
+
     def choose(self) -> int:
+        """This pass's draft length (with ``follow_confidence``: its cap, or 0 / 1 to probe)."""
         k = self.best_model_k()
         if k == 0:
             self._passes_without_draft += 1
             if self._passes_without_draft >= self.probe_every:
                 self._passes_without_draft = 0
                 return 1
+        elif self.follow_confidence:
+            return self.cap
         return k
+
+    def keep_drafting(self, confidences: Sequence[float]) -> bool:
+        """Whether to draft one more token after those whose draft probabilities are
+        ``confidences`` (each the draft model's probability of the token it drafted).
+
+        Token i counts as accepted with probability ``a_i = acceptance_at(confidences[i])``
+        once the ones before it are, so the draft so far yields ``E = 1 + sum of the
+        running products of a_i`` tokens per pass at a cost of ``c_verify(n) + n * c_draft``.
+        Tokens not drafted yet are guessed to be accepted with ``g``, the mean of the last
+        token's ``a_n`` and the running alpha (the draft model's certainty moves slowly
+        within a phrase, but an unsure word is often followed by a sure one). Drafting
+        goes on when some longer draft, up to the cap, has a higher ratio E / cost.
+        """
+        self._draft_confidences = list(confidences)  # for observe()
+        n = len(confidences)
+        if n == 0:
+            return True
+        cap = self.cap
+        if n >= cap:
+            return False
+        chain, expected, last = 1.0, 1.0, 0.0
+        for confidence in confidences:
+            last = self.acceptance_at(confidence)
+            chain *= last
+            expected += chain
+        c_verify, c_draft = self.costs.c_verify, self.c_draft
+        now = expected / (c_verify[n] + n * c_draft)
+        guess = 0.5 * (last + self.alpha)
+        for longer in range(n + 1, cap + 1):
+            chain *= guess
+            expected += chain
+            if expected / (c_verify[longer] + longer * c_draft) > now:
+                return True
+        return False
+
+    def acceptance_at(self, confidence: float) -> float:
+        """Estimated acceptance of a draft token the draft model gave ``confidence``."""
+        accepted, observed = self._by_confidence[_confidence_bin(confidence)]
+        return (accepted + CONFIDENCE_PRIOR * confidence) / (observed + CONFIDENCE_PRIOR)
 
     def model_speedup(self, k: int) -> float:
         """Predicted speedup of drafting k tokens with the draft model (1.0 for k = 0)."""
@@ -205,12 +276,19 @@ class AdaptiveDraftLength:
         drafts (prompt lookup) update ``alpha_free`` instead of ``alpha``.
         """
         observed = min(drafted, accepted + 1)
+        confidences, self._draft_confidences = self._draft_confidences, []
+        if free or len(confidences) != drafted:
+            confidences = []  # not this draft's (a lookup draft, or a drafter without them)
         for i in range(observed):
             hit = 1.0 if i < accepted else 0.0
             if free:
                 self.alpha_free = self.decay * self.alpha_free + (1 - self.decay) * hit
             else:
                 self.alpha = self.decay * self.alpha + (1 - self.decay) * hit
+            if confidences:
+                counts = self._by_confidence[_confidence_bin(confidences[i])]
+                counts[0] += hit
+                counts[1] += 1.0
 
     def observe_time(self, drafted: int, draft_seconds: float, verify_seconds: float) -> None:
         """Update c_draft from one pass's real draft and verification times.
@@ -225,6 +303,10 @@ class AdaptiveDraftLength:
         step = verify_seconds / self.costs.c_verify[min(drafted, self.costs.max_k)]
         observed = draft_seconds / (drafted * step)
         self.c_draft = 0.7 * self.c_draft + 0.3 * observed
+
+
+def _confidence_bin(confidence: float) -> int:
+    return min(CONFIDENCE_BINS - 1, max(0, int(confidence * CONFIDENCE_BINS)))
 
 
 def costs_for(

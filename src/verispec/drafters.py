@@ -98,6 +98,13 @@ class _DraftModelProposer:
         self.vocab_size = target_vocab_size
         self.cache = model.new_cache()
         self.cached: list[int] = []  # the token ids behind self.cache, in order
+        self.policy: AdaptiveDraftLength | None = None  # set by follow_confidence
+
+    def follow_confidence(self, policy: AdaptiveDraftLength) -> None:
+        """Stop each draft where ``policy.keep_drafting`` says one more token does not
+        pay, judged from this model's probabilities of the tokens it drafts."""
+        self.policy = policy
+        policy.follow_confidence = True
 
     def _align(self, logits: torch.Tensor) -> torch.Tensor:  # [vocab_draft] -> [vocab_target]
         width = logits.shape[-1]
@@ -131,15 +138,21 @@ class _DraftModelProposer:
         # 3. Draft k tokens one by one.
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
+        confidences: list[float] = []  # the draft's probability of each drafted token
         for i in range(k):
             row = self._align(logits)  # [vocab]
             if params.greedy:
                 token = int(row.argmax().item())
+                if self.policy is not None:
+                    confidences.append(float(torch.exp(row[token] - torch.logsumexp(row, -1))))
             else:
                 p_draft = warp(row[None], params)[0]  # [vocab]
                 token = sample(p_draft, generator)
                 probs.append(p_draft)
+                confidences.append(float(p_draft[token]))
             tokens.append(token)
+            if self.policy is not None and not self.policy.keep_drafting(confidences):
+                break
             if i + 1 < k:
                 logits = self.model.forward(self.cache, [token], num_logits=1)[-1]
                 self.cached.append(token)
@@ -226,6 +239,10 @@ class _HybridProposer:
         """Let ``policy`` pick the source and the length of every draft (``k`` is then a cap)."""
         self.policy = policy
 
+    def follow_confidence(self, policy: AdaptiveDraftLength) -> None:
+        """Let the draft model's drafts stop by its confidence (see the model proposer's)."""
+        self.model.follow_confidence(policy)
+
     def route(
         self,
         context: Sequence[int],
@@ -279,7 +296,10 @@ class _HybridProposer:
         if self.policy is None:
             return draft
         k_free, free_speedup = self.policy.choose_free(len(draft.tokens))
-        if k_free > 0 and free_speedup >= self.policy.model_speedup(k_model):
+        # The draft model's prospect at the length its running acceptance rate supports
+        # (with follow_confidence, k_model is only a cap that its drafts stop short of).
+        k_expected = min(k_model, self.policy.best_model_k())
+        if k_free > 0 and free_speedup >= self.policy.model_speedup(k_expected):
             return Draft(tokens=draft.tokens[:k_free], free=True)
         return None
 

@@ -232,7 +232,9 @@ def speculate(
     ``drafter=None`` is plain decoding through the same loop and kernels.
     ``num_draft_tokens="auto"`` picks k per pass from ``costs`` (required then)
     and the sequence's running acceptance rate, drafting nothing where
-    speculation does not pay.
+    speculation does not pay; a draft model's drafts then run up to the longest
+    measured length and stop where its own confidence says one more token does
+    not pay (:meth:`AdaptiveDraftLength.keep_drafting`).
     Stops at EOS or ``max_new_tokens``; closing the generator early simply
     drops the sequence (its caches belong to it alone).
     """
@@ -249,6 +251,9 @@ def speculate(
         if attach is not None:  # a proposer that chooses among sources (HybridDrafter)
             attach(seq.policy)
             seq.proposer_chooses = True
+        follow = getattr(seq.proposer, "follow_confidence", None)
+        if follow is not None:  # a draft model's drafts stop where its confidence drops
+            follow(seq.policy)
     fixed_k = num_draft_tokens if isinstance(num_draft_tokens, int) else 0
     return _run(target, seq, fixed_k, first)
 
