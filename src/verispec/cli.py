@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-k",
         type=draft_length,
         default="auto",
-        help="draft length k, or auto: chosen per pass from measured costs and acceptance",
+        help="draft length k, or auto: per pass from measured costs and acceptance (a draft "
+        "model's draft stops where its own confidence says one more token will not pay)",
     )
     gen.add_argument("--ngram", type=_int, default=3, help="longest n-gram for prompt lookup")
     gen.add_argument("--temperature", type=_float, default=0.0, help="0 = greedy")
