@@ -41,8 +41,8 @@ run: install-models
 	$(BIN)/verispec generate
 
 lint: install-test
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/mypy src/verispec
 
 test: lint
