@@ -113,8 +113,7 @@ def running_acceptance(turn: Turn, i: int, policy: AdaptiveDraftLength) -> int:
 
 
 def confidence(turn: Turn, i: int, policy: AdaptiveDraftLength) -> int:
-    policy.follow_confidence = True
-    cap = policy.choose()
+    cap = policy.choose()  # the policy follows confidence (see replay)
     drafted: list[float] = []
     while len(drafted) < cap and i + len(drafted) < len(turn.tokens):
         drafted.append(turn.confidence[i + len(drafted)])
@@ -125,7 +124,7 @@ def confidence(turn: Turn, i: int, policy: AdaptiveDraftLength) -> int:
 
 def replay(turn: Turn, costs: CostModel, choose: Policy) -> tuple[int, float]:
     """(tokens after the first, target steps they cost) under one policy."""
-    policy = AdaptiveDraftLength(costs)
+    policy = AdaptiveDraftLength(costs, follow_confidence=choose is confidence)
     i, steps = 1, 0.0  # the prompt pass gave tokens[0]
     while i < len(turn.tokens):
         k = min(choose(turn, i, policy), len(turn.tokens) - i)
