@@ -141,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a greedy bench run's results.json")
     parser.add_argument("--c-draft", type=float, help="draft step / target step (default: run's)")
-    parser.add_argument("--draft-precision", default="int8")
+    parser.add_argument("--draft-precision", default="int4")
     args = parser.parse_args()
     results = json.loads(args.results.read_text())
     if results["setup"]["temperature"] != 0:

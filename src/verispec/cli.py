@@ -70,9 +70,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--draft-precision",
-        choices=["fp32", "bf16", "fp16", "int8"],
+        choices=["fp32", "bf16", "fp16", "int8", "int4"],
         default=None,
-        help="draft precision (default: int8 on CPU, bf16 on CUDA); never changes the output",
+        help="draft precision (default: int4 on CPU, bf16 on CUDA); never changes the output, "
+        "only the acceptance rate",
     )
     parser.add_argument(
         "--draft-vocab",
@@ -184,7 +185,7 @@ def _summary(stats: Any, drafter_name: str) -> str:
 def load_pair(args: argparse.Namespace, *, progress: bool) -> tuple[Any, Any]:
     """Load the target and build the drafter the options ask for."""
     from verispec.drafters import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
-    from verispec.models import default_device, load_model
+    from verispec.models import default_device, default_draft_precision, load_model
 
     device = args.device or default_device()
     common = {
@@ -196,7 +197,7 @@ def load_pair(args: argparse.Namespace, *, progress: bool) -> tuple[Any, Any]:
     target = load_model(args.target, precision=args.precision, progress=progress, **common)
     drafter: Any = None
     if args.drafter in ("model", "hybrid"):
-        draft_precision = args.draft_precision or ("int8" if device == "cpu" else None)
+        draft_precision = args.draft_precision or default_draft_precision(device)
         draft = load_model(
             args.draft,
             precision=draft_precision,

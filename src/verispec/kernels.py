@@ -14,6 +14,10 @@ multi-token passes, so verispec swaps every ``nn.Linear`` of a model for one of:
     int8 weights, fp32 activations. It changes the model's outputs, so it is
     a precision the user chooses (e.g. for the draft model, where precision
     only changes the acceptance rate, never the output).
+``int4`` (draft models)
+    4-bit weights in groups of 32 inputs, each group with its own scale and
+    zero point, run by torch's CPU int4 kernel with bf16 activations
+    (:class:`Int4Linear`): half the weight bytes of int8 per decode step.
 
 Plain and speculative decoding always run on the same kernels.
 """
@@ -30,7 +34,8 @@ from torch import nn
 from verispec.errors import InvalidArgumentError
 
 KERNELS = ("auto", "default", "onednn")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
+INT4_GROUP_SIZE = 32
 
 
 # oneDNN's prepacked fp32 linear is slower for 1-2 rows than for 3-6 on the AVX2 CPU
@@ -214,6 +219,97 @@ def quantize_int8(model: nn.Module, *, per_row: bool = True) -> int:
         return fused
 
 
+def int4_available() -> bool:
+    """Whether this torch has the CPU int4 kernels :class:`Int4Linear` runs on."""
+    ops = torch.ops.aten
+    return hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(
+        ops, "_weight_int4pack_mm_for_cpu"
+    )
+
+
+class Int4Linear(nn.Module):
+    """``nn.Linear`` with 4-bit weights: for draft models, whose precision never changes the output.
+
+    Each output row's weights are split into groups of ``group_size`` inputs;
+    a group is stored as 4-bit levels 0..15 on the grid ``lo + level * scale``
+    spanning the group's min and max. (The bundled GGUF models are Q4_K, whose
+    blocks of 32 are such grids already, so their weights survive nearly
+    unchanged.) Activations are cast to bf16 for torch's CPU int4 kernel
+    (``_weight_int4pack_mm_for_cpu``) and the result back to the input's dtype.
+    On the AVX2 CPU this project is measured on, a 0.5B model's 24 layers take
+    12 ms per one-token step this way against 18 ms with fbgemm int8.
+    """
+
+    def __init__(self, linear: nn.Linear, *, group_size: int = INT4_GROUP_SIZE) -> None:
+        super().__init__()
+        out_features, in_features = linear.weight.shape
+        if in_features % group_size:
+            raise ValueError(
+                f"int4: input width {in_features} is not a multiple of the group size {group_size}"
+            )
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        # The kernel packs output rows 16 at a time: zero rows pad the weight, and
+        # forward() drops their outputs.
+        rows = -(-out_features // 16) * 16
+        weight = torch.zeros(rows, in_features)
+        weight[:out_features] = linear.weight.detach().float()
+        groups = weight.reshape(rows, in_features // group_size, group_size)
+        lo = groups.amin(-1, keepdim=True)
+        scale = ((groups.amax(-1, keepdim=True) - lo) / 15).clamp_min(1e-12)
+        levels = ((groups - lo) / scale).round_().clamp_(0, 15).to(torch.int32)
+        # The kernel computes (level - 8) * scale + zero, so zero is the grid's level 8.
+        zero = lo + 8 * scale
+        scales_zeros = torch.stack([scale.flatten(1), zero.flatten(1)], dim=-1)  # [rows, groups, 2]
+        self.register_buffer(
+            "packed",
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                levels.reshape(rows, in_features), 1
+            ),
+        )
+        self.register_buffer(
+            "scales_zeros", scales_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
+        )
+        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.packed, self.group_size, self.scales_zeros
+        )[:, : self.out_features].to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_int4(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` of a draft model by an :class:`Int4Linear`.
+
+    Decoder layers get fused q|k|v and gate|up projections first
+    (:func:`fuse_projections`), converted layer by layer. Layers whose input
+    width is not a multiple of the group size (only in tiny test models) stay
+    fp32. Returns the number of layers fused.
+    """
+    if not int4_available():
+        raise InvalidArgumentError(
+            f"int4 precision needs torch's CPU int4 kernels, missing in torch {torch.__version__}"
+        )
+
+    def quantize(module: nn.Module) -> None:
+        for name, child in list(module.named_modules()):
+            if type(child) is nn.Linear and child.in_features % INT4_GROUP_SIZE == 0:
+                parent_name, _, attr = name.rpartition(".")
+                parent = module.get_submodule(parent_name) if parent_name else module
+                setattr(parent, attr, Int4Linear(child))
+
+    fused = 0
+    for layer in getattr(getattr(model, "model", None), "layers", None) or []:
+        if fuse_projections(layer):
+            quantize(layer)
+            fused += 1
+    quantize(model)
+    return fused
+
+
 def check_choice(kernels: str, precision: str) -> None:
     if kernels not in KERNELS:
         raise InvalidArgumentError(f"unknown kernels {kernels!r}; choose one of {list(KERNELS)}")
@@ -238,6 +334,18 @@ def optimize(
     Returns a short description of what was applied (for statistics and logs).
     """
     check_choice(kernels, precision)
+    if precision == "int4":
+        if device != "cpu":
+            raise InvalidArgumentError("int4 precision is a CPU option; use bf16 on a GPU")
+        if batch_invariant:
+            raise InvalidArgumentError(
+                "int4 precision is for draft models only (load_model(..., batch_invariant=False), "
+                "as --draft-precision does): a target's precision sets the output, and int4 is "
+                "coarser than the bundled Q4_K_M weights' 6-bit tensors"
+            )
+        fused = quantize_int4(model)
+        groups = f"groups of {INT4_GROUP_SIZE}"
+        return f"int4 weights ({groups}; q|k|v and gate|up fused in {fused} layers)"
     if precision == "int8":
         if device != "cpu":
             raise InvalidArgumentError("int8 precision is a CPU option; use bf16 on a GPU")

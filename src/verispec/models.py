@@ -162,6 +162,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_draft_precision(device: str) -> str | None:
+    """A draft model's precision unless the user picks one: int4 on a CPU (int8 where this
+    torch lacks the int4 kernels), the device's default elsewhere. A draft's precision
+    never changes the output, only how often its tokens are accepted."""
+    if device != "cpu":
+        return None
+    return "int4" if kernels_module.int4_available() else "int8"
+
+
 def load_model(
     spec: str,
     *,
@@ -179,7 +188,8 @@ def load_model(
     Presets and GGUF files are converted once into the cache folder (see
     :mod:`verispec.presets`); later loads read safetensors and take seconds.
     ``precision`` defaults to fp32 on CPU (bf16/fp16 matmuls are very slow on
-    CPUs) and bf16 on CUDA; ``int8`` (CPU) quantizes the linear layers.
+    CPUs) and bf16 on CUDA; ``int8`` (CPU) quantizes the linear layers; ``int4``
+    (CPU, draft models only: needs ``batch_invariant=False``) stores them in 4 bits.
     ``kernels`` picks the CPU matmul kernels (:mod:`verispec.kernels`).
     ``vocab_limit`` (draft models only) scores just the first N token ids plus
     the special ones, which makes the output head N / vocab as costly.

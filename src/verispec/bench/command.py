@@ -117,13 +117,13 @@ def _tiny_model(seed: int) -> Any:
 
 def _load(spec: str, args: argparse.Namespace, *, role: str) -> Any:
     """Load a model with the shared model options (``--precision``, ``--draft-precision``,
-    ``--kernels``) as ``verispec generate`` does: the draft defaults to int8 on a CPU."""
-    from verispec.models import default_device, load_model
+    ``--kernels``) as ``verispec generate`` does: the draft defaults to int4 on a CPU."""
+    from verispec.models import default_device, default_draft_precision, load_model
 
     device = args.device or default_device()
     precision = getattr(args, "precision", None)
     if role == "draft":
-        precision = getattr(args, "draft_precision", None) or ("int8" if device == "cpu" else None)
+        precision = getattr(args, "draft_precision", None) or default_draft_precision(device)
     try:
         return load_model(
             spec,
