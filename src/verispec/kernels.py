@@ -25,7 +25,7 @@ Plain and speculative decoding always run on the same kernels.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -201,22 +201,36 @@ def quantize_int8(model: nn.Module, *, per_row: bool = True) -> int:
         def quantize(module: nn.Module) -> None:
             if not per_row:
                 quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
-                return
-            for name, child in list(module.named_modules()):
-                if type(child) is nn.Linear:
-                    parent_name, _, attr = name.rpartition(".")
-                    parent = module.get_submodule(parent_name) if parent_name else module
-                    setattr(parent, attr, RowQuantizedLinear(child))
+            else:
+                _replace_linears(module, RowQuantizedLinear)
 
-        fused = 0
-        for layer in getattr(getattr(model, "model", None), "layers", None) or []:
-            if fuse_projections(layer):
-                quantize(layer)
-                fused += 1
-        # The output head is tied to the input embedding in some models; quantizing it
-        # copies the weight, leaving the embedding untouched.
-        quantize(model)
-        return fused
+        return _quantize_layer_by_layer(model, quantize)
+
+
+def _replace_linears(
+    module: nn.Module, make: Callable[[nn.Linear], nn.Module], *, group: int = 1
+) -> None:
+    """Swap every plain ``nn.Linear`` under ``module`` (input width a multiple of
+    ``group``) for ``make(linear)``."""
+    for name, child in list(module.named_modules()):
+        if type(child) is nn.Linear and child.in_features % group == 0:
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, make(child))
+
+
+def _quantize_layer_by_layer(model: nn.Module, quantize: Callable[[nn.Module], None]) -> int:
+    """Fuse each decoder layer's projections and quantize it, so that fp32 copies never
+    pile up; then the rest of the model. Returns the number of layers fused."""
+    fused = 0
+    for layer in getattr(getattr(model, "model", None), "layers", None) or []:
+        if fuse_projections(layer):
+            quantize(layer)
+            fused += 1
+    # The output head is tied to the input embedding in some models; quantizing it
+    # copies the weight, leaving the embedding untouched.
+    quantize(model)
+    return fused
 
 
 def int4_available() -> bool:
@@ -295,19 +309,9 @@ def quantize_int4(model: nn.Module) -> int:
         )
 
     def quantize(module: nn.Module) -> None:
-        for name, child in list(module.named_modules()):
-            if type(child) is nn.Linear and child.in_features % INT4_GROUP_SIZE == 0:
-                parent_name, _, attr = name.rpartition(".")
-                parent = module.get_submodule(parent_name) if parent_name else module
-                setattr(parent, attr, Int4Linear(child))
+        _replace_linears(module, Int4Linear, group=INT4_GROUP_SIZE)
 
-    fused = 0
-    for layer in getattr(getattr(model, "model", None), "layers", None) or []:
-        if fuse_projections(layer):
-            quantize(layer)
-            fused += 1
-    quantize(model)
-    return fused
+    return _quantize_layer_by_layer(model, quantize)
 
 
 def check_choice(kernels: str, precision: str) -> None:
