@@ -15,6 +15,7 @@ that maximizes S, or 0 (no speculation) when no k beats plain decoding.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -24,7 +25,7 @@ from verispec.models import LanguageModel
 
 # Part of the cache key of measured costs: bump it when kernels or the forward
 # pass change in a way that the model names and kernel descriptions do not show.
-COSTS_VERSION = "3"  # 3: interleaved timing; fused int8 projections
+COSTS_VERSION = "4"  # 3: interleaved timing; fused int8 projections; 4: medians of 5 rounds
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,13 @@ def expected_tokens(alpha: float, k: int) -> float:
 def _time_passes(
     passes: list[tuple[LanguageModel, int]], context: list[int], repeats: int
 ) -> list[float]:
-    """Best time of each ``(model, new tokens)`` pass on a warm cache, rounds interleaved.
+    """Median time of each ``(model, new tokens)`` pass on a warm cache, rounds interleaved.
 
     Every round times each pass once, so load that comes and goes while
     measuring hits all of them alike instead of inflating some of the ratios.
+    The median, not the minimum: every cost is divided by the one-token pass's,
+    and one lucky reading of that pass (seen here: 177 ms against 231 ms when
+    decoding) inflates every ratio.
     """
     caches = {}
     for model, _ in passes:
@@ -75,7 +79,7 @@ def _time_passes(
             model.forward(cache, context, num_logits=1)
             caches[id(model)] = cache
     base = len(context)
-    best = [float("inf")] * len(passes)
+    times: list[list[float]] = [[] for _ in passes]
     for round_ in range(repeats + 1):
         for i, (model, n_new) in enumerate(passes):
             new = [context[j % len(context)] for j in range(n_new)]
@@ -84,9 +88,9 @@ def _time_passes(
             model.forward(cache, new)
             elapsed = time.perf_counter() - t0
             cache.crop(base)
-            if round_:  # the first round warms up; the minimum is robust to other load
-                best[i] = min(best[i], elapsed)
-    return best
+            if round_:  # the first round warms up
+                times[i].append(elapsed)
+    return [statistics.median(t) for t in times]
 
 
 def measure_costs(
@@ -95,7 +99,7 @@ def measure_costs(
     *,
     max_k: int = 16,
     context_length: int = 100,
-    repeats: int = 2,
+    repeats: int = 5,
 ) -> CostModel:
     """Time target passes of 1..max_k+1 positions (and one draft step) on a warm cache."""
     context = [(i * 7919) % target.vocab_size for i in range(context_length)]
