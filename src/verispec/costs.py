@@ -69,8 +69,7 @@ def _time_passes(
     Every round times each pass once, so load that comes and goes while
     measuring hits all of them alike instead of inflating some of the ratios.
     The median, not the minimum: every cost is divided by the one-token pass's,
-    and one lucky reading of that pass (seen here: 177 ms against 231 ms when
-    decoding) inflates every ratio.
+    so one outlying reading of that pass would shift every ratio.
     """
     caches = {}
     for model, _ in passes:
