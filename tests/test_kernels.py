@@ -12,6 +12,7 @@ from verispec.drafters import DraftModelDrafter
 from verispec.errors import InvalidArgumentError
 from verispec.generate import generate
 from verispec.kernels import (
+    INT4_MAX_ROWS,
     Int4Linear,
     OneDNNLinear,
     int4_available,
@@ -80,15 +81,21 @@ def test_int4_linear_keeps_4_bit_grids_and_scores_rows_independently() -> None:
     linear = torch.nn.Linear(in_features, out_features)
     linear.weight.data = (mins + levels * steps).reshape(out_features, in_features)
     layer = Int4Linear(linear)
-    x = torch.randn(2, 9, in_features)
+    x = torch.randn(2, 2, in_features)  # 4 rows: the int4 kernel's calls (decode steps)
     got, want = layer(x), linear(x)
-    assert got.shape == want.shape == (2, 9, out_features)
+    assert got.shape == want.shape == (2, 2, out_features)
     assert (got - want).abs().max() < 0.02 * want.abs().max()
     # A row's result does not depend on the other rows of the call (verified drafts
     # and the same position decoded alone get the same draft scores).
-    flat = x.reshape(18, in_features)
+    flat = x.reshape(INT4_MAX_ROWS, in_features)
     together = layer(flat)
-    assert all(torch.equal(layer(flat[i : i + 1])[0], together[i]) for i in range(18))
+    assert all(torch.equal(layer(flat[i : i + 1])[0], together[i]) for i in range(4))
+    # Wider calls (a prompt pass) run on the int8 copy: close to fp32, not the int4 result.
+    wide = torch.randn(INT4_MAX_ROWS + 5, in_features)
+    rows = layer(wide)
+    assert rows.shape == (INT4_MAX_ROWS + 5, out_features)
+    assert (rows - linear(wide)).abs().max() < 0.05 * linear(wide).abs().max()
+    assert not torch.equal(rows[:1], layer(wide[:1]))
     # Off-grid (Gaussian) weights are rounded to their group's grid: close, not equal.
     linear.weight.data = torch.randn(out_features, in_features) * 0.05
     rounded = Int4Linear(linear)(x)
@@ -109,16 +116,18 @@ def test_int4_draft_keeps_the_output_exact() -> None:
     assert isinstance(hf.model.layers[0].mlp.down_proj, Int4Linear)
     for runner in ("lean", "hf"):  # fused projections / transformers' separate ones
         draft = HFModel(hf=hf, tokenizer=None, name=f"int4-{runner}", runner=runner)
+        # A 4-token prompt, so that every draft pass runs on the int4 kernel (wider
+        # ones take the int8 copy, tested above).
         result = generate(
             target,
             DraftModelDrafter(draft, target=target),
-            PROMPT,
+            PROMPT[:INT4_MAX_ROWS],
             max_new_tokens=30,
             num_draft_tokens=4,
         )
-        assert result.token_ids == plain_greedy(target, PROMPT, 30)
+        assert result.token_ids == plain_greedy(target, PROMPT[:INT4_MAX_ROWS], 30)
         # The same 4-bit weights; bf16 activations still flip some of this random
-        # model's choices (0.81 accepted here); a wrong grid would agree by chance only.
+        # model's choices; a wrong grid would agree by chance only.
         assert result.stats.acceptance_rate > 0.6
 
 
