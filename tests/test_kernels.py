@@ -98,8 +98,19 @@ def test_int4_linear_keeps_4_bit_grids_and_scores_rows_independently() -> None:
     assert not torch.equal(rows[:1], layer(wide[:1]))
     # Off-grid (Gaussian) weights are rounded to their group's grid: close, not equal.
     linear.weight.data = torch.randn(out_features, in_features) * 0.05
-    rounded = Int4Linear(linear)(x)
+    off_grid = Int4Linear(linear)
+    rounded = off_grid(x)
     assert 0 < (rounded - linear(x)).abs().mean() < 0.1 * linear(x).abs().mean()
+    # The wide copy holds the grid's weights, not the original ones: a prompt pass
+    # scores with (nearly) the weights of the decode steps. Its int8 error per output
+    # channel (1/255 of a row's range) is well below the 4-bit rounding (1/15 of a
+    # group's range), so it is at least 3 times closer to the grid than to the original.
+    on_grid = torch.nn.Linear(in_features, out_features)
+    on_grid.weight.data = _on_4_bit_grid(linear.weight.data)
+    on_grid.bias.data = linear.bias.data
+    wide_rows = off_grid(wide)
+    to_grid = (wide_rows - on_grid(wide)).abs().mean()
+    assert 3 * to_grid < (wide_rows - linear(wide)).abs().mean()
 
 
 @needs_int4
