@@ -90,7 +90,7 @@ def test_int4_linear_keeps_4_bit_grids_and_scores_rows_independently() -> None:
     flat = x.reshape(INT4_MAX_ROWS, in_features)
     together = layer(flat)
     assert all(torch.equal(layer(flat[i : i + 1])[0], together[i]) for i in range(4))
-    # Wider calls (a prompt pass) run on the int8 copy: close to fp32, not the int4 result.
+    # Wider calls (a prompt pass) run on the int8 copy: close to fp32, not the int4 kernel.
     wide = torch.randn(INT4_MAX_ROWS + 5, in_features)
     rows = layer(wide)
     assert rows.shape == (INT4_MAX_ROWS + 5, out_features)

@@ -159,17 +159,13 @@ class RowQuantizedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         padded = nn.Linear(self.in_features + 2, self.out_features, bias=False)
         with torch.no_grad():
             padded.weight[:, : self.in_features].copy_(linear.weight.detach().float())
             padded.weight[:, self.in_features :] = 0.0
-        self.inner = quantize_dynamic(
-            nn.Sequential(padded), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8
-        )[0]
+        self.inner = _int8_per_channel(padded)
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.ends = torch.tensor([[1.0, -1.0]])  # [1, 2]: every row's range
 
@@ -185,6 +181,18 @@ class RowQuantizedLinear(nn.Module):
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*shape[:-1], self.out_features)
+
+
+def _int8_per_channel(linear: nn.Linear) -> nn.Module:
+    """fbgemm's dynamic int8 linear of ``linear``, weights quantized per output channel."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the torch.ao API is deprecated but works in torch 2.x
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        quantized = quantize_dynamic(
+            nn.Sequential(linear), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8
+        )
+    return quantized[0]  # type: ignore[no-any-return]
 
 
 def quantize_int8(model: nn.Module, *, per_row: bool = True) -> int:
@@ -295,18 +303,12 @@ class Int4Linear(nn.Module):
         # The wide copy holds the int4 grid's own weights, int8 per output channel, so
         # that a prompt pass sees (nearly) the weights the decode steps use.
         grid = (levels.float() * scale + lo).reshape(rows, in_features)[:out_features]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the torch.ao API is deprecated but works in torch 2.x
-            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-            copy = nn.Linear(in_features, out_features, bias=linear.bias is not None)
-            with torch.no_grad():
-                copy.weight.copy_(grid)
-                if linear.bias is not None:
-                    copy.bias.copy_(linear.bias.detach().float())
-            self.wide = quantize_dynamic(
-                nn.Sequential(copy), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8
-            )[0]
+        copy = nn.Linear(in_features, out_features, bias=linear.bias is not None)
+        with torch.no_grad():
+            copy.weight.copy_(grid)
+            if linear.bias is not None:
+                copy.bias.copy_(linear.bias.detach().float())
+        self.wide = _int8_per_channel(copy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         flat = x.reshape(-1, self.in_features)
