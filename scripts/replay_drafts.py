@@ -122,9 +122,13 @@ def confidence(turn: Turn, i: int, policy: AdaptiveDraftLength) -> int:
     return len(drafted)
 
 
-def replay(turn: Turn, costs: CostModel, choose: Policy) -> tuple[int, float]:
-    """(tokens after the first, target steps they cost) under one policy."""
+def replay(
+    turn: Turn, costs: CostModel, choose: Policy, charged: CostModel | None = None
+) -> tuple[int, float]:
+    """(tokens after the first, target steps they cost) under one policy that decides
+    with ``costs``; each pass is charged at ``charged`` (default: ``costs``)."""
     policy = AdaptiveDraftLength(costs, follow_confidence=choose is confidence)
+    charged = charged or costs
     i, steps = 1, 0.0  # the prompt pass gave tokens[0]
     while i < len(turn.tokens):
         k = min(choose(turn, i, policy), len(turn.tokens) - i)
@@ -132,9 +136,45 @@ def replay(turn: Turn, costs: CostModel, choose: Policy) -> tuple[int, float]:
         while accepted < k and turn.agrees[i + accepted]:
             accepted += 1
         policy.observe(k, accepted)
-        steps += costs.c_verify[k] + k * costs.c_draft
+        steps += charged.c_verify[k] + k * charged.c_draft
         i += accepted + 1
     return len(turn.tokens) - 1, steps
+
+
+def costs_in_run(results: dict[str, Any], max_k: int) -> CostModel:
+    """The costs the run's speculative passes really had, in plain decoding steps.
+
+    Least squares over the turns of the draft-model configurations: a turn's
+    verification time over plain's time per token (same turn) is the sum over its
+    passes of ``c(k) = b0 + b1 * k + b2 * max(0, k - 5)`` (the calibration's curve
+    bends near k = 5); ``c_draft`` is the median over turns of draft time per
+    drafted token in plain steps. ``c_verify[0]`` stays 1 (a plain step).
+    """
+    import numpy as np
+
+    plain = {
+        (r["prompt_id"], r["turn"]): (r["time_total"] - r["time_prefill"]) / (r["new_tokens"] - 1)
+        for r in results["records"]
+        if r["config"] == "plain" and r["new_tokens"] > 1
+    }
+    rows, times, drafts = [], [], []
+    for r in results["records"]:
+        step = plain.get((r["prompt_id"], r["turn"]))
+        if not r["config"].startswith(("draft", "hybrid")) or step is None or not r["drafted"]:
+            continue
+        passes = r["passes_by_draft_length"]
+        rows.append(
+            [
+                sum(passes),
+                sum(k * n for k, n in enumerate(passes)),
+                sum(max(0, k - 5) * n for k, n in enumerate(passes)),
+            ]
+        )
+        times.append(r["time_verify"] / step)
+        drafts.append(r["time_draft"] / step / r["drafted"])
+    b0, b1, b2 = np.linalg.lstsq(np.array(rows, float), np.array(times), rcond=None)[0]
+    c_verify = [1.0] + [b0 + b1 * k + b2 * max(0, k - 5) for k in range(1, max_k + 1)]
+    return CostModel(c_verify=tuple(float(c) for c in c_verify), c_draft=float(np.median(drafts)))
 
 
 def main() -> None:
@@ -142,6 +182,12 @@ def main() -> None:
     parser.add_argument("results", type=Path, help="a greedy bench run's results.json")
     parser.add_argument("--c-draft", type=float, help="draft step / target step (default: run's)")
     parser.add_argument("--draft-precision", default="int4")
+    parser.add_argument(
+        "--costs-in-run",
+        action="store_true",
+        help="charge passes at the costs fitted from the run's own times (see costs_in_run) "
+        "and replay each policy deciding with the calibrated costs and with those",
+    )
     args = parser.parse_args()
     results = json.loads(args.results.read_text())
     if results["setup"]["temperature"] != 0:
@@ -157,14 +203,30 @@ def main() -> None:
         "running acceptance": running_acceptance,
         "confidence (-k auto)": confidence,
     }
+    runs: list[tuple[str, CostModel, Policy, CostModel]] = [
+        (name, costs, choose, costs) for name, choose in policies.items()
+    ]
+    if args.costs_in_run:
+        real = costs_in_run(results, costs.max_k)
+        print(
+            f"costs in the run: c_draft {real.c_draft:.3f}, c_verify "
+            + " ".join(f"{k}: {c:.2f}" for k, c in enumerate(real.c_verify) if k)
+        )
+        runs = []
+        for name, choose in policies.items():
+            runs.append((f"{name} deciding by calibration", costs, choose, real))
+            if choose is not foresight:
+                runs.append((f"{name} deciding by run costs", real, choose, real))
     print(f"c_draft {costs.c_draft:.3f}; decode speedup / whole-generation speedup")
     for set_name in sorted({t.set_name for t in turns}):
         chosen = [t for t in turns if t.set_name == set_name]
         agree = sum(sum(t.agrees[1:]) for t in chosen) / sum(len(t.tokens) - 1 for t in chosen)
         share = sum(t.time_prefill for t in chosen) / sum(t.time_total for t in chosen)
         cells = []
-        for name, choose in policies.items():
-            tokens, steps = map(sum, zip(*(replay(t, costs, choose) for t in chosen), strict=True))
+        for name, decide, choose, charged in runs:
+            tokens, steps = map(
+                sum, zip(*(replay(t, decide, choose, charged) for t in chosen), strict=True)
+            )
             decode = tokens / steps
             cells.append(f"{name} {decode:.2f}x / {1 / (share + (1 - share) / decode):.2f}x")
         print(f"{set_name}: draft agrees {agree:.3f}, prompt pass {share:.1%}; " + "; ".join(cells))

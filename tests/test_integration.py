@@ -10,6 +10,8 @@ import sys
 import pytest
 
 from verispec import DraftModelDrafter, PromptLookupDrafter, generate, load_model
+from verispec.kernels import int4_available
+from verispec.lean import compiler_missing
 
 pytestmark = [
     pytest.mark.integration,
@@ -103,3 +105,25 @@ def test_lean_forward_matches_transformers_on_the_real_model(smollm2) -> None:
         got = smollm2.forward(lean_cache, chunk)
         want = ref.forward(ref_cache, chunk)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(
+    not int4_available() or compiler_missing() is not None,
+    reason="needs torch's CPU int4 kernels and a C++ compiler",
+)
+def test_a_compiled_int4_draft_keeps_greedy_output_equal(smollm2) -> None:
+    """The default CPU draft (int4, steps compiled) on the real model: output equal to
+    plain greedy, and the draft mostly right (it is the target at 4 bits)."""
+    draft = load_model(
+        "smollm2-135m", precision="int4", batch_invariant=False, compile_steps="auto",
+        progress=False,
+    )  # fmt: skip
+    assert draft.kernels.endswith("one-position steps compiled (torch.compile)")
+    n = 48
+    plain = generate(smollm2, None, PROMPT, max_new_tokens=n)
+    spec = generate(
+        smollm2, DraftModelDrafter(draft, target=smollm2), PROMPT, max_new_tokens=n,
+        num_draft_tokens=4,
+    )  # fmt: skip
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats.acceptance_rate > 0.5

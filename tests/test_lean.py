@@ -11,7 +11,7 @@ from helpers import plain_greedy
 from verispec.drafters import DraftModelDrafter
 from verispec.errors import InvalidArgumentError
 from verispec.generate import generate
-from verispec.lean import LeanCache, lean_unsupported
+from verispec.lean import LeanCache, compiler_missing, lean_unsupported
 from verispec.models import HFModel
 
 VOCAB = 300
@@ -93,14 +93,18 @@ def test_lean_logits_match_transformers_through_appends_and_rollbacks(build: Any
     assert lean_cache.length == 230 and lean_cache.kv.capacity >= 230
 
 
-def test_lean_speculative_greedy_equals_plain_greedy() -> None:
+def _speculate_with_perturbed_draft(*, compile_draft: bool) -> None:
+    """Greedy speculation on a Qwen2 target with a perturbed copy as the draft (often
+    but not always right) equals plain greedy decoding."""
     target = HFModel(hf=_qwen2(), tokenizer=None, name="target")
     draft_hf = _qwen2()
-    with torch.no_grad():  # a perturbed copy: a draft that is often but not always right
+    with torch.no_grad():
         for p in draft_hf.parameters():
             p.add_(0.02 * torch.randn_like(p))
     draft = HFModel(hf=draft_hf, tokenizer=None, name="draft")
     assert target.runner == draft.runner == "lean"  # auto picks lean for Qwen2
+    if compile_draft:
+        assert draft.lean is not None and draft.lean.compile_steps() is None
     prompt = [5, 17, 99, 3, 5, 17, 42, 8]
     result = generate(
         target, DraftModelDrafter(draft, target=target), prompt, max_new_tokens=40,
@@ -108,6 +112,10 @@ def test_lean_speculative_greedy_equals_plain_greedy() -> None:
     )  # fmt: skip
     assert result.token_ids == plain_greedy(target, prompt, 40)
     assert 0 < result.stats.accepted < result.stats.drafted  # both paths were exercised
+
+
+def test_lean_speculative_greedy_equals_plain_greedy() -> None:
+    _speculate_with_perturbed_draft(compile_draft=False)
 
 
 def test_unsupported_models_fall_back_or_fail_clearly() -> None:
@@ -221,3 +229,89 @@ def test_speculative_decoding_with_an_int8_target_equals_plain_int8_decoding() -
             )  # fmt: skip
             assert spec.token_ids == plain.token_ids
             assert spec.stats.accepted > 0  # the drafts were really verified in groups
+
+
+needs_compiler = pytest.mark.skipif(
+    compiler_missing() is not None, reason="torch.compile needs a C++ compiler on a CPU"
+)
+
+
+@needs_compiler
+def test_compiled_steps_match_eager_steps_without_recompiling() -> None:
+    """One compiled graph serves every position and cache size: steps across the cache's
+    growth (256 -> 512 positions) give the eager pass's logits, with no compile after
+    the warm-up that compile_steps() does."""
+    from torch._dynamo.utils import counters
+
+    compiled = HFModel(hf=_qwen2(), tokenizer=None, name="compiled")
+    eager = HFModel(hf=compiled.hf, tokenizer=None, name="eager")
+    assert compiled.lean is not None and eager.lean is not None
+    assert compiled.lean.compile_steps() is None
+    graphs = counters["stats"]["unique_graphs"]
+    prompt = [(7 * i) % VOCAB for i in range(200)]
+    caches = [compiled.new_cache(), eager.new_cache()]
+    for model, cache in zip((compiled, eager), caches, strict=True):
+        model.forward(cache, prompt, num_logits=1)
+    for i in range(100):  # positions 200..299: past the first capacity of 256
+        token = [(13 * i) % VOCAB]
+        got = compiled.forward(caches[0], token)
+        want = eager.forward(caches[1], token)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        if i == 50:  # a rollback, as after a rejected draft
+            for cache in caches:
+                cache.crop(cache.length - 3)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@needs_compiler
+def test_speculative_greedy_equals_plain_greedy_with_a_compiled_draft() -> None:
+    _speculate_with_perturbed_draft(compile_draft=True)
+
+
+def test_a_failing_compiled_step_falls_back_to_the_eager_pass() -> None:
+    model = HFModel(hf=_llama(), tokenizer=None, name="m")
+    reference = HFModel(hf=model.hf, tokenizer=None, name="ref")
+    assert model.lean is not None
+
+    def broken(*args: Any) -> torch.Tensor:
+        raise RuntimeError("compiler crashed")
+
+    model.lean._step = broken  # what a compile that fails at run time looks like
+    cache, ref_cache = model.new_cache(), reference.new_cache()
+    model.forward(cache, [1, 2, 3])
+    reference.forward(ref_cache, [1, 2, 3])
+    torch.testing.assert_close(model.forward(cache, [4]), reference.forward(ref_cache, [4]))
+    assert model.lean._step is None  # and the eager pass is used from then on
+    torch.testing.assert_close(model.forward(cache, [5]), reference.forward(ref_cache, [5]))
+
+
+def test_compile_steps_choices_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from verispec import lean
+    from verispec.models import _compile_steps
+
+    hf_runner = HFModel(hf=_llama(), tokenizer=None, name="m", runner="hf")
+    with pytest.raises(InvalidArgumentError, match="no lean forward"):
+        _compile_steps(hf_runner, True, "cpu")
+    assert _compile_steps(hf_runner, "auto", "cpu") == ""  # auto: quietly not compiled
+    with pytest.raises(InvalidArgumentError, match="CPU option"):
+        _compile_steps(HFModel(hf=_llama(), tokenizer=None, name="m"), True, "cuda")
+    with pytest.raises(InvalidArgumentError, match="compile_steps must be"):
+        _compile_steps(hf_runner, "yes", "cpu")
+    monkeypatch.setattr(lean.shutil, "which", lambda name: None)
+    with pytest.raises(InvalidArgumentError, match="no C\\+\\+ compiler"):
+        _compile_steps(HFModel(hf=_llama(), tokenizer=None, name="m"), True, "cpu")
+
+
+def test_auto_compiles_int4_models_only() -> None:
+    """auto leaves fp32 and int8 models eager (compiling did not pay for them) and never
+    tries oneDNN layers, which torch.compile cannot trace."""
+    from verispec import kernels
+    from verispec.models import _compile_steps
+
+    model = HFModel(hf=_llama(), tokenizer=None, name="m")
+    assert _compile_steps(model, "auto", "cpu") == ""
+    assert model.lean is not None and model.lean._step is None
+    if kernels.onednn_available():
+        kernels.use_onednn(model.hf)
+        with pytest.raises(InvalidArgumentError, match="oneDNN"):
+            _compile_steps(model, True, "cpu")

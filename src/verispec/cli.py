@@ -85,6 +85,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "bundled pair here)",
     )
     parser.add_argument(
+        "--draft-compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="run the draft's decoding steps through torch.compile (auto: an int4 draft on a CPU "
+        "with a C++ compiler, where it saves a sixth of each step; compiling takes seconds once "
+        "cached, about a minute the first time); never changes the output",
+    )
+    parser.add_argument(
         "--kernels",
         choices=["auto", "default", "onednn"],
         default="auto",
@@ -182,6 +190,11 @@ def _summary(stats: Any, drafter_name: str) -> str:
     return line
 
 
+def compile_choice(args: argparse.Namespace) -> bool | str:
+    """``--draft-compile`` as ``load_model(compile_steps=...)`` takes it."""
+    return {"on": True, "off": False}.get(getattr(args, "draft_compile", "auto"), "auto")
+
+
 def load_pair(args: argparse.Namespace, *, progress: bool) -> tuple[Any, Any]:
     """Load the target and build the drafter the options ask for."""
     from verispec.drafters import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
@@ -203,6 +216,7 @@ def load_pair(args: argparse.Namespace, *, progress: bool) -> tuple[Any, Any]:
             precision=draft_precision,
             vocab_limit=args.draft_vocab,
             batch_invariant=False,  # a draft's scores never change the output
+            compile_steps=compile_choice(args),
             progress=progress,
             **common,
         )

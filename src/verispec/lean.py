@@ -20,6 +20,8 @@ not otherwise); anything else keeps the transformers forward.
 
 from __future__ import annotations
 
+import logging
+import shutil
 from typing import Any
 
 import torch
@@ -31,6 +33,15 @@ LEAN_MODEL_TYPES = ("llama", "qwen2")
 # Passes of at most this many positions (verification: k + 1 <= 17) of a model with
 # exact rows attend query by query, as decoding each position alone does.
 EXACT_ROWS_MAX = 17
+
+log = logging.getLogger(__name__)
+
+
+def compiler_missing() -> str | None:
+    """Why torch.compile cannot build CPU kernels here (no C++ compiler), or None."""
+    if any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        return None
+    return "no C++ compiler (g++, c++ or clang++) on PATH, which torch.compile needs on a CPU"
 
 
 def _rope_theta(config: Any) -> float | None:
@@ -114,6 +125,7 @@ class LeanRunner:
         self.head_dim = int(
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
+        self.gqa = self.heads != self.kv_heads  # a bool, not an int comparison, under compile
         self.max_context = int(getattr(config, "max_position_embeddings", 0) or 2048)
         theta = _rope_theta(config)
         assert theta is not None
@@ -135,6 +147,40 @@ class LeanRunner:
         self.exact_rows = any(isinstance(m, RowQuantizedLinear) for m in hf.modules())
         self._cos = torch.empty(0, self.head_dim, device=self.device)
         self._sin = torch.empty(0, self.head_dim, device=self.device)
+        self._step: Any = None  # the compiled one-position pass (compile_steps)
+
+    def compile_steps(self) -> str | None:
+        """Run one-position passes (a draft's decoding steps) through ``torch.compile``.
+
+        A draft model's step is small enough that the ~40 elementwise operations per
+        layer around its matmuls cost a fifth of it in dispatch; inductor fuses them.
+        The compile (seconds with inductor's disk cache, about half a minute without)
+        happens here, on throwaway caches, with the position and the cache's capacity
+        dynamic, so no request pays it. Returns None when compiled, else why not (the
+        eager pass stays in use).
+        """
+        reason = compiler_missing()
+        if reason is not None:
+            return reason
+        self._step = torch.compile(self._layers, dynamic=True)
+        try:
+            with torch.inference_mode():
+                # Steps at several positions of two cache capacities, the last filling
+                # its cache (a case torch guards apart), so one graph serves them all.
+                # (Positions 0 and 1 would get graphs of their own: torch specializes
+                # sizes 0 and 1. Such a step is rare, a one-token prompt's, and compiles then.)
+                for capacity in (256, 300):
+                    cache = self.new_cache()
+                    cache.reserve(capacity, self.max_context)
+                    for tensor in cache.keys + cache.values:
+                        tensor.zero_()  # not the garbage of torch.empty (NaN upsets int8)
+                    for position in (2, 3, capacity - 1):
+                        cache.length = position
+                        self.forward(cache, torch.zeros(1, dtype=torch.long), 1)
+        except Exception as exc:  # any compiler failure: keep the eager pass
+            self._step = None
+            return f"torch.compile failed ({type(exc).__name__}: {exc})"
+        return None if self._step is not None else "torch.compile failed (see the log)"
 
     def new_cache(self) -> LeanCache:
         layers = len(self.hf.model.layers)
@@ -173,14 +219,39 @@ class LeanRunner:
         cos, sin = self._rope(past, n)  # [n, head_dim]
         inner = self.hf.model
         x = inner.embed_tokens(ids)  # [n, hidden]
+        if n == 1 and self._step is not None:
+            try:
+                x = self._step(x, cos, sin, past, cache.keys, cache.values)
+            except Exception as exc:  # a compiler failure must not lose a request
+                log.warning("compiled step failed; the eager pass is used from now on: %s", exc)
+                self._step = None  # the eager pass rewrites the same cache positions
+                x = self._layers(x, cos, sin, past, cache.keys, cache.values)
+        else:
+            x = self._layers(x, cos, sin, past, cache.keys, cache.values)
+        cache.length = past + n
+        x = self._rms_norm(inner.norm, x[n - num_logits :])
+        return self.hf.get_output_embeddings()(x)  # [num_logits, vocab]
+
+    def _layers(
+        self,
+        x: torch.Tensor,  # [n, hidden]: the new positions' embeddings
+        cos: torch.Tensor,  # [n, head_dim]
+        sin: torch.Tensor,
+        past: int,  # positions already in the cache
+        all_keys: list[torch.Tensor],  # per layer [kv_heads, capacity, head_dim]
+        all_values: list[torch.Tensor],
+    ) -> torch.Tensor:  # [n, hidden]: the last layer's output
+        """The decoder layers; writes the new positions' keys and values into the cache
+        tensors and touches no other state (so ``torch.compile`` can take it whole)."""
+        n = x.shape[0]
         mask = None
         if n > 1:
             q_pos = torch.arange(past, past + n, device=self.device)[:, None]
             mask = torch.arange(past + n, device=self.device)[None, :] <= q_pos  # [n, past + n]
         scale = self.head_dim**-0.5
-        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        heads, kv_heads, head_dim, gqa = self.heads, self.kv_heads, self.head_dim, self.gqa
         per_query = self.exact_rows and 1 < n <= EXACT_ROWS_MAX
-        for i, layer in enumerate(inner.layers):
+        for i, layer in enumerate(self.hf.model.layers):
             qkv_proj, gate_up_proj = self.fused[i]
             attn = layer.self_attn
             h = self._rms_norm(layer.input_layernorm, x)
@@ -193,7 +264,7 @@ class LeanRunner:
                 k = attn.k_proj(h).view(n, kv_heads, head_dim).transpose(0, 1)
                 v = attn.v_proj(h).view(n, kv_heads, head_dim).transpose(0, 1)
                 q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)  # [heads, n, head_dim]
-            keys, values = cache.keys[i], cache.values[i]
+            keys, values = all_keys[i], all_values[i]
             keys[:, past : past + n] = k
             values[:, past : past + n] = v
             if per_query:  # the call a one-position pass makes, for each position
@@ -204,7 +275,7 @@ class LeanRunner:
                             keys[None, :, : past + j + 1],
                             values[None, :, : past + j + 1],
                             scale=scale,
-                            enable_gqa=heads != kv_heads,
+                            enable_gqa=gqa,
                         )
                         for j in range(n)
                     ],
@@ -217,7 +288,7 @@ class LeanRunner:
                     values[None, :, : past + n],
                     attn_mask=mask,
                     scale=scale,
-                    enable_gqa=heads != kv_heads,
+                    enable_gqa=gqa,
                 )  # [1, heads, n, head_dim]
             out = out[0].transpose(0, 1).reshape(n, heads * head_dim)
             x = x + attn.o_proj(out)
@@ -228,6 +299,4 @@ class LeanRunner:
             else:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             x = x + mlp.down_proj(F.silu(gate) * up)
-        cache.length = past + n
-        x = self._rms_norm(inner.norm, x[n - num_logits :])
-        return self.hf.get_output_embeddings()(x)  # [num_logits, vocab]
+        return x

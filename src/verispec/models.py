@@ -10,6 +10,7 @@ so tests can plug in a tiny table model and the server can batch sequences.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -181,6 +182,7 @@ def load_model(
     vocab_limit: int | None = None,
     runner: str = "auto",
     batch_invariant: bool = True,
+    compile_steps: bool | str = False,
     progress: bool = True,
 ) -> HFModel:
     """Load a model by preset name, local folder, GGUF file or hub id.
@@ -198,6 +200,11 @@ def load_model(
     ``batch_invariant=False`` lets an int8 model's rows of one pass influence each
     other (fbgemm's per-call activation scale): a little faster, for draft models
     only, since a target's positions must score the same verified together or alone.
+    ``compile_steps`` runs one-position passes through ``torch.compile``
+    (:meth:`verispec.lean.LeanRunner.compile_steps`; CPU and the lean runner only):
+    for draft models, whose decoding steps it makes about a fifth cheaper here and
+    whose scores never change the output. ``"auto"`` compiles int4 models where it can
+    (the one case measured to gain).
     """
     from pathlib import Path
 
@@ -239,9 +246,41 @@ def load_model(
     model = HFModel(
         hf=hf, tokenizer=tokenizer, name=name, eos_token_ids=_eos_ids(hf, tokenizer), runner=runner
     )
-    model.kernels = applied
+    model.kernels = applied + _compile_steps(model, compile_steps, device)
     model.vocab_limit = vocab_limit
     return model
+
+
+def _compile_steps(model: HFModel, choice: bool | str, device: str) -> str:
+    """Apply ``load_model(compile_steps=...)``; returns what to add to ``model.kernels``."""
+    from verispec.lean import compiler_missing
+
+    if choice not in (True, False, "auto"):
+        raise InvalidArgumentError(f"compile_steps must be True, False or 'auto', got {choice!r}")
+    if choice is False:
+        return ""
+    if device != "cpu":
+        why_not: str | None = f"device {device} (compiled steps are a CPU option)"
+    elif model.lean is None:
+        why_not = f"it has no lean forward (runner {model.runner})"
+    elif any(isinstance(m, kernels_module.OneDNNLinear) for m in model.hf.modules()):
+        why_not = "torch.compile cannot trace oneDNN prepacked layers (--kernels default can be)"
+    else:
+        why_not = compiler_missing()
+    # Measured on the bundled 0.5B draft (2 cores): int4 steps compile to 17% less
+    # time; int8 steps get slower (fbgemm's quantized ops split the graph), and fp32
+    # oneDNN layers cannot be traced; so auto compiles int4 models only.
+    int4 = any(isinstance(m, kernels_module.Int4Linear) for m in model.hf.modules())
+    if choice == "auto" and (why_not is not None or not int4):
+        return ""
+    if why_not is not None:
+        raise InvalidArgumentError(f"cannot compile {model.name}'s steps: {why_not}")
+    assert model.lean is not None
+    failure = model.lean.compile_steps()
+    if failure is not None:
+        warnings.warn(f"{model.name}: steps not compiled: {failure}", stacklevel=3)
+        return f"; steps not compiled ({failure})"
+    return "; one-position steps compiled (torch.compile)"
 
 
 def check_tokenizers_compatible(target: Any, draft: Any) -> None:

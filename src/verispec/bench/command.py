@@ -118,6 +118,7 @@ def _tiny_model(seed: int) -> Any:
 def _load(spec: str, args: argparse.Namespace, *, role: str) -> Any:
     """Load a model with the shared model options (``--precision``, ``--draft-precision``,
     ``--kernels``) as ``verispec generate`` does: the draft defaults to int4 on a CPU."""
+    from verispec.cli import compile_choice
     from verispec.models import default_device, default_draft_precision, load_model
 
     device = args.device or default_device()
@@ -134,6 +135,7 @@ def _load(spec: str, args: argparse.Namespace, *, role: str) -> Any:
             runner=getattr(args, "runner", "auto"),
             vocab_limit=getattr(args, "draft_vocab", None) if role == "draft" else None,
             batch_invariant=role != "draft",
+            compile_steps=compile_choice(args) if role == "draft" else False,
             progress=True,
         )
     except ModelNotFoundError as exc:
