@@ -357,7 +357,13 @@ def test_serve_command_with_the_hybrid_drafter(target, monkeypatch) -> None:
     from verispec.server.policy import BatchCostPolicy
 
     draft = noisy_copy(target)
-    monkeypatch.setattr(models, "load_model", lambda name, **kw: {"T": target, "D": draft}[name])
+    loaded: dict = {}
+
+    def load_model(name, **kw):
+        loaded[name] = kw
+        return {"T": target, "D": draft}[name]
+
+    monkeypatch.setattr(models, "load_model", load_model)
     built: dict = {}
 
     def build_scheduler(*args, **kwargs):
@@ -370,6 +376,8 @@ def test_serve_command_with_the_hybrid_drafter(target, monkeypatch) -> None:
     argv = ["serve", "--target", "T", "--draft", "D", "--drafter", "hybrid", "-k", "auto"]
     args = cli.build_parser().parse_args([*argv, "--ngram", "4", "--max-batch", "2"])
     assert command.run(args) == 0
+    # The scheduler drafts in batched passes, which compiled steps do not serve: auto is off.
+    assert loaded["D"]["compile_steps"] is False
     scheduler = built["scheduler"]
     assert isinstance(scheduler.drafter, HybridDrafter) and scheduler.drafter.lookup.max_ngram == 4
     assert scheduler.drafters["hybrid"] is scheduler.drafter

@@ -100,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
     if k != "auto" and not 0 <= k <= 64:
         raise InvalidArgumentError(f"--num-draft-tokens must be auto or 0..64, got {k}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "draft_compile", "auto") == "auto":
+        # The scheduler drafts for all sequences in batched passes (transformers' forward
+        # over pooled caches), never through the lean one-position steps compiling speeds up.
+        args.draft_compile = "off"
     target, drafter = load_pair(args, progress=True)
     if k == 0:
         drafter = None
