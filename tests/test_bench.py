@@ -171,6 +171,40 @@ def test_greedy_run_matches_plain_and_reports(tiny, tmp_path: Path, monkeypatch)
             assert path.stat().st_size > 1000
 
 
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_second_turns_reuse_each_configurations_own_first_turn(tiny, prefix_cache: bool) -> None:
+    configs = parse_configs("draft-k3,hf-plain", ks=[3], lookup_k=4)
+    bench = run_bench(
+        tiny,
+        tiny,
+        PROMPTS,
+        configs,
+        max_new_tokens=13,
+        params=SamplingParams(),
+        progress=False,
+        prefix_cache=prefix_cache,
+    )
+    assert all(r.matches_plain for r in bench.records)
+    for name in ("plain", "draft-k3"):
+        turn1, turn2, other = (r for r in bench.records if r.config == name)
+        assert turn1.cached_prompt_tokens == 0  # emptied after the warm-up on this prompt
+        if prefix_cache:  # turn 1's prompt and the answer up to where its re-encoding differs
+            held = turn1.prompt_tokens + turn1.new_tokens - 1
+            assert turn1.prompt_tokens < turn2.cached_prompt_tokens <= held
+            assert other.cached_prompt_tokens == len("user: ")  # how every chat opens here
+        else:
+            assert turn2.cached_prompt_tokens == other.cached_prompt_tokens == 0
+    assert all(r.cached_prompt_tokens is None for r in bench.records if r.config == "hf-plain")
+    setup = {
+        "target": "tiny", "draft": "tiny", "sets": ["mtbench", "humaneval"],
+        "max_new_tokens": 13, "num_units": 3, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+        "machine": {"cpu": "x", "torch_threads": 1, "torch": "t", "date": "2026-01-01"},
+        "prefix_cache": prefix_cache,
+    }  # fmt: skip
+    text = markdown(bench, summarize(bench, COSTS), setup, COSTS)
+    assert ("Prefix caching on" in text) == prefix_cache
+
+
 def test_sampled_run_uses_per_prompt_seeds_and_skips_the_check(tiny) -> None:
     configs = parse_configs("draft-k2,hf-plain", ks=[2], lookup_k=4)
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=7)

@@ -28,6 +28,7 @@ from verispec.generate import (
     stream,
 )
 from verispec.models import HFModel, LanguageModel, load_model
+from verispec.prefix import PrefixCache
 from verispec.sampling import SamplingParams
 from verispec.stats import GenerationStats
 
@@ -47,6 +48,7 @@ __all__ = [
     "LanguageModel",
     "ModelFormatError",
     "ModelNotFoundError",
+    "PrefixCache",
     "PromptLookupDrafter",
     "PromptTooLongError",
     "Proposer",

@@ -24,6 +24,7 @@ import torch
 from verispec.costs import AdaptiveDraftLength
 from verispec.errors import InvalidArgumentError
 from verispec.models import LanguageModel, check_tokenizers_compatible
+from verispec.prefix import CachedState
 from verispec.sampling import SamplingParams, sample, warp
 
 
@@ -105,6 +106,16 @@ class _DraftModelProposer:
         pay, judged from this model's probabilities of the tokens it drafts."""
         self.policy = policy
         policy.follow_confidence = True
+
+    def cached_state(self) -> CachedState:
+        """This sequence's draft cache and its ids, for a prefix cache to keep."""
+        return CachedState(self.model, list(self.cached), self.cache)
+
+    def adopt_cache(self, state: CachedState) -> None:
+        """Start from a finished sequence's draft cache (the next :meth:`propose` keeps
+        the part its context agrees with); ignored if another model filled it."""
+        if state.model is self.model and state.cache.length == len(state.tokens):
+            self.cache, self.cached = state.cache, list(state.tokens)
 
     def _align(self, logits: torch.Tensor) -> torch.Tensor:  # [vocab_draft] -> [vocab_target]
         width = logits.shape[-1]
@@ -242,6 +253,12 @@ class _HybridProposer:
     def follow_confidence(self, policy: AdaptiveDraftLength) -> None:
         """Let the draft model's drafts stop by its confidence (see the model proposer's)."""
         self.model.follow_confidence(policy)
+
+    def cached_state(self) -> CachedState:
+        return self.model.cached_state()
+
+    def adopt_cache(self, state: CachedState) -> None:
+        self.model.adopt_cache(state)
 
     def route(
         self,

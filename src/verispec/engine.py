@@ -30,6 +30,7 @@ from verispec.costs import AdaptiveDraftLength, CostModel
 from verispec.drafters import Draft, Drafter, Proposer
 from verispec.errors import InvalidArgumentError, PromptTooLongError
 from verispec.models import LanguageModel, ModelCache
+from verispec.prefix import CachedState, PrefixCache, PrefixEntry
 from verispec.sampling import SamplingParams, warp
 from verispec.stats import GenerationStats
 from verispec.verify import greedy_verify, rejection_sample
@@ -66,6 +67,7 @@ class SequenceState:
     proposer_chooses: bool = False  # the proposer asks the policy itself (k is only a cap)
     finish_reason: str | None = None
     started_at: float = field(default_factory=time.perf_counter)
+    prefix_cache: PrefixCache | None = None  # where the caches go when the sequence is done
 
     @property
     def generated(self) -> list[int]:
@@ -99,9 +101,16 @@ def start_sequence(
     *,
     params: SamplingParams,
     max_new_tokens: int,
+    prefix_cache: PrefixCache | None = None,
 ) -> SequenceState:
     """Validate and set up a sequence; its prompt pass (:func:`prompt_step`, or a
-    scheduler's batched one finished by ``finish_step(..., prompt=True)``) comes next."""
+    scheduler's batched one finished by ``finish_step(..., prompt=True)``) comes next.
+
+    With ``prefix_cache``, the sequence starts from the cached entry sharing the
+    longest prefix with the prompt (its cache cropped to that prefix, keeping at
+    least the last prompt token to score), so its prompt pass scores only the
+    rest: ``seq.tokens[seq.cache.length:]``. :func:`release_sequence` puts the
+    caches back when the sequence is done."""
     if not prompt_ids:
         raise InvalidArgumentError("the prompt is empty")
     if len(prompt_ids) >= target.max_context:
@@ -112,17 +121,53 @@ def start_sequence(
     bad = [t for t in prompt_ids if not 0 <= t < target.vocab_size]
     if bad:
         raise InvalidArgumentError(f"prompt token id {bad[0]} is outside [0, {target.vocab_size})")
+    found = prefix_cache.take(target, prompt_ids) if prefix_cache is not None else None
+    proposer = drafter.start() if drafter is not None else None
+    if found is None:
+        cache = target.new_cache()
+    else:
+        entry, shared = found
+        cache = entry.target.cache
+        cache.crop(min(shared, len(prompt_ids) - 1))
+        adopt = getattr(proposer, "adopt_cache", None)  # a draft model's proposer
+        if entry.draft is not None and adopt is not None:
+            adopt(entry.draft)  # it keeps what the context still agrees with
     seq = SequenceState(
         tokens=list(prompt_ids),
         prompt_length=len(prompt_ids),
         max_new_tokens=max_new_tokens,
         params=params,
-        cache=target.new_cache(),
-        proposer=drafter.start() if drafter is not None else None,
+        cache=cache,
+        proposer=proposer,
         generator=params.make_generator(),
+        prefix_cache=prefix_cache,
     )
     seq.stats.prompt_tokens = len(prompt_ids)
+    seq.stats.cached_prompt_tokens = cache.length
     return seq
+
+
+def release_sequence(seq: SequenceState, target: LanguageModel) -> None:
+    """Give a done (or dropped) sequence's caches to its prefix cache, if it has one.
+
+    Call only between passes (the caches then hold exactly the tokens behind
+    them); a sequence whose pass failed midway must not be released."""
+    pool, seq.prefix_cache = seq.prefix_cache, None  # at most once
+    if pool is None:
+        return
+    cache = seq.cache
+    # After EOS inside an accepted run the cache may hold positions past the last
+    # emitted token; the ids behind the kept positions are the sequence's own.
+    cache.crop(min(cache.length, len(seq.tokens)))
+    draft = None
+    state = getattr(seq.proposer, "cached_state", None)  # a draft model's proposer
+    if state is not None:
+        draft = state()
+    pool.put(
+        PrefixEntry(
+            target=CachedState(target, list(seq.tokens[: cache.length]), cache), draft=draft
+        )
+    )
 
 
 def prompt_step(target: LanguageModel, seq: SequenceState) -> StepEvent:
@@ -130,7 +175,8 @@ def prompt_step(target: LanguageModel, seq: SequenceState) -> StepEvent:
     last row. It counts as a target pass that verified no draft; its time is the
     prompt pass's (``time_prefill``, measured from the sequence's start)."""
     started = time.perf_counter()
-    logits = target.forward(seq.cache, seq.tokens, num_logits=1)  # [1, vocab]
+    todo = seq.tokens[seq.cache.length :]  # all of it, unless a cached prefix is reused
+    logits = target.forward(seq.cache, todo, num_logits=1)  # [1, vocab]
     return finish_step(target, seq, NO_DRAFT, logits, started=started, prompt=True)
 
 
@@ -226,6 +272,7 @@ def speculate(
     max_new_tokens: int = 256,
     num_draft_tokens: DraftLength = 4,
     costs: CostModel | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> Generator[tuple[StepEvent, SequenceState], None, None]:
     """Generate from ``prompt_ids``, yielding one event per target pass.
 
@@ -236,14 +283,24 @@ def speculate(
     measured length and stop where its own confidence says one more token does
     not pay (:meth:`AdaptiveDraftLength.keep_drafting`).
     Stops at EOS or ``max_new_tokens``; closing the generator early simply
-    drops the sequence (its caches belong to it alone).
+    drops the sequence (its caches belong to it alone). With ``prefix_cache``
+    (:class:`verispec.prefix.PrefixCache`) the prompt pass reuses the cached
+    prefix the prompt shares, and the sequence's caches go back to it when it
+    ends (finished, or closed between passes).
     """
     params = params or SamplingParams()
     check_generation_args(max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens)
     # Validation and the prompt pass happen now, not at the first next().
     if num_draft_tokens == "auto" and costs is None and drafter is not None:
         raise InvalidArgumentError("num_draft_tokens='auto' needs a cost model (costs=...)")
-    seq = start_sequence(target, drafter, prompt_ids, params=params, max_new_tokens=max_new_tokens)
+    seq = start_sequence(
+        target,
+        drafter,
+        prompt_ids,
+        params=params,
+        max_new_tokens=max_new_tokens,
+        prefix_cache=prefix_cache,
+    )
     first = prompt_step(target, seq)
     if num_draft_tokens == "auto" and costs is not None:
         seq.policy = AdaptiveDraftLength(costs)
@@ -261,21 +318,34 @@ def speculate(
 def _run(
     target: LanguageModel, seq: SequenceState, fixed_k: int, first: StepEvent
 ) -> Generator[tuple[StepEvent, SequenceState], None, None]:
-    yield first, seq
-    while seq.finish_reason is None:
-        if seq.policy is None:
-            k = fixed_k
-        elif seq.proposer_chooses:
-            k = seq.policy.costs.max_k
-        else:
-            k = seq.policy.choose()
-        draft_before, verify_before = seq.stats.time_draft, seq.stats.time_verify
-        event = step(target, seq, k)
-        if seq.policy is not None:
-            seq.policy.observe(event.num_drafted, event.num_accepted, free=seq.last_draft_free)
-            seq.policy.observe_time(
-                0 if seq.last_draft_free else event.num_drafted,
-                seq.stats.time_draft - draft_before,
-                seq.stats.time_verify - verify_before,
-            )
-        yield event, seq
+    between_passes = True  # the caches hold exactly the tokens behind them
+    try:
+        yield first, seq
+        while seq.finish_reason is None:
+            between_passes = False
+            event = _next_pass(target, seq, fixed_k)
+            between_passes = True
+            yield event, seq
+    finally:
+        if between_passes:
+            release_sequence(seq, target)
+
+
+def _next_pass(target: LanguageModel, seq: SequenceState, fixed_k: int) -> StepEvent:
+    """Choose k, run one pass, and feed what it showed to the policy."""
+    if seq.policy is None:
+        k = fixed_k
+    elif seq.proposer_chooses:
+        k = seq.policy.costs.max_k
+    else:
+        k = seq.policy.choose()
+    draft_before, verify_before = seq.stats.time_draft, seq.stats.time_verify
+    event = step(target, seq, k)
+    if seq.policy is not None:
+        seq.policy.observe(event.num_drafted, event.num_accepted, free=seq.last_draft_free)
+        seq.policy.observe_time(
+            0 if seq.last_draft_free else event.num_drafted,
+            seq.stats.time_draft - draft_before,
+            seq.stats.time_verify - verify_before,
+        )
+    return event

@@ -20,6 +20,7 @@ from verispec.drafters import Drafter
 from verispec.engine import DraftLength, StepEvent, check_generation_args, speculate
 from verispec.errors import InvalidArgumentError
 from verispec.models import LanguageModel
+from verispec.prefix import PrefixCache
 from verispec.sampling import SamplingParams
 from verispec.stats import GenerationStats
 
@@ -183,6 +184,7 @@ class Generation:
         stop: Sequence[str],
         num_draft_tokens: DraftLength,
         costs: CostModel | None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.prompt_ids = prompt_ids
         self.text = ""
@@ -198,6 +200,7 @@ class Generation:
             max_new_tokens=max_new_tokens,
             num_draft_tokens=num_draft_tokens,
             costs=costs,
+            prefix_cache=prefix_cache,
         )
 
     def __iter__(self) -> Iterator[TextEvent]:
@@ -239,12 +242,15 @@ def stream(
     chat: bool | None = None,
     num_draft_tokens: DraftLength = 4,
     costs: CostModel | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> Generation:
     """Start a generation; iterate the result for one :class:`TextEvent` per target pass.
 
     ``prompt`` is text, chat messages (``[{"role": ..., "content": ...}]``) or
     token ids (used as they are). ``drafter=None`` is plain decoding through the
     same loop. Arguments are validated here, before any model work.
+    ``prefix_cache`` (:class:`verispec.PrefixCache`) lets the prompt pass reuse
+    what an earlier generation through it already scored (a chat's earlier turns).
     """
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     check_generation_args(max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens)
@@ -266,6 +272,7 @@ def stream(
         stop=stop,
         num_draft_tokens=num_draft_tokens,
         costs=costs,
+        prefix_cache=prefix_cache,
     )
 
 
@@ -283,6 +290,7 @@ def generate(
     chat: bool | None = None,
     num_draft_tokens: DraftLength = 4,
     costs: CostModel | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> GenerationResult:
     """Generate to completion: text, token ids and statistics. Arguments as :func:`stream`."""
     return stream(
@@ -298,4 +306,5 @@ def generate(
         chat=chat,
         num_draft_tokens=num_draft_tokens,
         costs=costs,
+        prefix_cache=prefix_cache,
     ).result()

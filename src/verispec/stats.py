@@ -11,6 +11,7 @@ class GenerationStats:
     """Counters one sequence accumulates, one update per target pass."""
 
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of those, reused from a prefix cache (not scored again)
     new_tokens: int = 0
     target_passes: int = 0
     drafted: int = 0
@@ -74,6 +75,7 @@ class GenerationStats:
     def to_dict(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
             "new_tokens": self.new_tokens,
             "target_passes": self.target_passes,
             "drafted": self.drafted,

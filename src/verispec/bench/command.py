@@ -74,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"{QUICK_MODEL} as target and draft, 2 prompts per set, 24 tokens, 4 configs",
     )
+    parser.add_argument(
+        "--prefix-cache",
+        choices=["on", "off"],
+        default="on",
+        help="each verispec configuration reuses its own previous turn's caches for the "
+        "next turn of a conversation (on; transformers peers never do)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--cache-dir", default=None, help="where converted models live")
     parser.add_argument("--device", default=None, help="cpu or cuda")
@@ -216,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
         params=params,
         progress=not args.no_progress,
         log=lambda line: print(line, file=sys.stderr),
+        prefix_cache=args.prefix_cache == "on",
     )
     summary = summarize(bench, costs)
     setup = {
@@ -234,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         "top_p": args.top_p,
         "seed": args.seed,
         "lookup_k": args.lookup_k,
+        "prefix_cache": args.prefix_cache == "on",
         "quick": args.quick,
         "prompts": [p.__dict__ for p in prompts],
         "machine": machine_info(),

@@ -8,7 +8,13 @@ Measurement protocol:
    heat, frequency) hits all configurations alike.
 3. A multi-turn prompt (MT-bench) asks its second turn after the model's own
    first-turn answer: the plain configuration's greedy answer, reused for every
-   configuration, so that all of them see identical token ids.
+   configuration, so that all of them see identical token ids. With prefix
+   caching (the default), each verispec configuration, plain included, has its
+   own :class:`~verispec.PrefixCache`: its second turn reuses the caches its own
+   first turn left, as a chat served by verispec would; the transformers peers
+   score every prompt in full, as ``generate()`` does. The caches are emptied
+   after the warm-up, so a first turn never reuses more than the chat
+   template's opening that the previous conversation shared.
 4. Under greedy decoding every output is compared token for token with the
    plain configuration's output on the same prompt; a difference in a verispec
    configuration is a bug (verispec is lossless), and is reported as such.
@@ -33,6 +39,7 @@ from verispec.engine import DraftLength
 from verispec.errors import InvalidArgumentError
 from verispec.generate import encode_prompt, stream
 from verispec.models import LanguageModel
+from verispec.prefix import PrefixCache
 from verispec.sampling import SamplingParams
 
 WARMUP_TOKENS = 8
@@ -113,6 +120,7 @@ class RunRecord:
     passes_by_draft_length: tuple[int, ...] = ()  # [j]: target passes that verified j drafts
     free_drafted: int | None = None  # drafted tokens that cost nothing (prompt lookup)
     time_prefill: float | None = None
+    cached_prompt_tokens: int | None = None  # reused from a prefix cache (verispec only)
     time_draft: float | None = None
     time_verify: float | None = None
     time_overhead: float | None = None
@@ -208,6 +216,7 @@ class Runner:
         max_new_tokens: int,
         params: SamplingParams,
         default_target: LanguageModel | None = None,
+        prefix_cache: bool = False,
     ) -> None:
         self.target = target
         self.default_target = default_target  # the target on default kernels, for hf-default
@@ -221,6 +230,11 @@ class Runner:
             if self._timed_draft is not None
             else None
         )
+        self.prefix_cache = prefix_cache
+        self._prefix: dict[str, PrefixCache] = {}  # per configuration: its own last turn
+
+    def clear_prefix_caches(self) -> None:
+        self._prefix.clear()
 
     def _forward_seconds(self) -> float:
         draft = self._timed_draft.seconds if self._timed_draft is not None else 0.0
@@ -279,6 +293,9 @@ class Runner:
             top_p=params.top_p,
             seed=params.seed,
             num_draft_tokens=config.k if config.speculative and config.k else 1,
+            prefix_cache=(
+                self._prefix.setdefault(config.name, PrefixCache()) if self.prefix_cache else None
+            ),
         )
         ends: list[float] = []
         counts: list[int] = []
@@ -300,6 +317,7 @@ class Runner:
             passes_by_draft_length=tuple(stats.passes_by_draft_length),
             free_drafted=stats.free_drafted,
             time_prefill=stats.time_prefill,
+            cached_prompt_tokens=stats.cached_prompt_tokens,
             time_draft=stats.time_draft,
             time_verify=stats.time_verify,
             time_overhead=max(
@@ -352,12 +370,18 @@ def run_bench(
     progress: bool = True,
     log: Callable[[str], None] = print,
     default_target: LanguageModel | None = None,
+    prefix_cache: bool = True,
 ) -> BenchRun:
     """Run ``configs`` on every turn of every prompt (see the module docstring)."""
     from tqdm.auto import tqdm
 
     runner = Runner(
-        target, draft, max_new_tokens=max_new_tokens, params=params, default_target=default_target
+        target,
+        draft,
+        max_new_tokens=max_new_tokens,
+        params=params,
+        default_target=default_target,
+        prefix_cache=prefix_cache,
     )
     base_seed = params.seed if params.seed is not None else 0
     notes: list[str] = []
@@ -378,6 +402,7 @@ def run_bench(
                 raise
             notes.append(f"{config.name} skipped: {exc}")
             log(f"note: {config.name} skipped: {exc}")
+    runner.clear_prefix_caches()  # the first prompt must not reuse its warm-up
 
     # 2. Every turn of every prompt, all configurations, rotating their order.
     total = sum(len(p.turns) for p in prompts) * len(active)
