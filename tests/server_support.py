@@ -108,14 +108,16 @@ def tiny_target() -> Any:
 
 
 @contextmanager
-def tiny_server(target: Any) -> Iterator[RunningServer]:
+def tiny_server(target: Any, *, prefix_cache: int = 0) -> Iterator[RunningServer]:
     """A running server on ``target`` with a noisy-copy draft model (k = 3, 16 default tokens)."""
     from verispec.drafters import DraftModelDrafter
     from verispec.server.app import create_app
     from verispec.server.scheduler import Scheduler
 
     drafter = DraftModelDrafter(noisy_copy(target), target=target)
-    scheduler = Scheduler(target, drafter, max_batch=8, max_queue=64, num_draft_tokens=3)
+    scheduler = Scheduler(
+        target, drafter, max_batch=8, max_queue=64, num_draft_tokens=3, prefix_cache=prefix_cache
+    )
     app = create_app(scheduler, model_name="tiny", max_tokens=16, max_tokens_limit=64)
     with serve(app, scheduler) as running:
         yield running

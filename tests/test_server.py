@@ -119,6 +119,33 @@ def test_chat_streaming_and_not(server, client, target) -> None:
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices == []
 
 
+def test_a_chats_next_turn_reuses_the_cached_conversation(target) -> None:
+    """With --prefix-cache, the second turn's prompt pass skips what the first turn's caches
+    hold (reported as usage.prompt_tokens_details.cached_tokens) and decodes the same."""
+    with tiny_server(target, prefix_cache=2) as running:
+        chat = openai.OpenAI(base_url=running.base_url, api_key="x", max_retries=0)
+        first = chat.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=12, temperature=0
+        )
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        turn2 = [
+            *MESSAGES,
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "Again."},
+        ]
+        second = chat.chat.completions.create(
+            model="tiny", messages=turn2, max_tokens=12, temperature=0
+        )
+        assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+        assert (
+            second.choices[0].message.content
+            == generate(target, None, turn2, max_new_tokens=12).text
+        )
+        pools = [running.scheduler.target, running.scheduler.drafter.model]
+        assert all(p.pool.in_use == 0 for p in pools)  # kept prefixes hold no KV slot
+        assert len(running.scheduler.prefix) == 1  # turn 2 took turn 1's entry, left its own
+
+
 def test_stop_strings(server, client, target) -> None:
     alone = generate(target, None, PROMPT, max_new_tokens=30, chat=False).text
     start = next(i for i in range(4, 25) if alone[i : i + 2].isascii())
@@ -344,6 +371,16 @@ def test_hybrid_needs_a_draft_model(guarded) -> None:
         )
 
 
+def test_serve_refuses_a_negative_prefix_cache() -> None:
+    from verispec import cli
+    from verispec.errors import InvalidArgumentError
+    from verispec.server import command
+
+    args = cli.build_parser().parse_args(["serve", "--prefix-cache", "-1"])
+    with pytest.raises(InvalidArgumentError, match="--prefix-cache must be >= 0"):
+        command.run(args)
+
+
 def test_serve_command_with_the_hybrid_drafter(target, monkeypatch) -> None:
     """`verispec serve --drafter hybrid -k auto` on tiny models: the hybrid drafter with its
     draft model pooled (and shared with the "model" drafter), the cost policy, and greedy
@@ -379,6 +416,7 @@ def test_serve_command_with_the_hybrid_drafter(target, monkeypatch) -> None:
     # The scheduler drafts in batched passes, which compiled steps do not serve: auto is off.
     assert loaded["D"]["compile_steps"] is False
     scheduler = built["scheduler"]
+    assert scheduler.prefix is not None and scheduler.prefix.max_sequences == 4  # the default
     assert isinstance(scheduler.drafter, HybridDrafter) and scheduler.drafter.lookup.max_ngram == 4
     assert scheduler.drafters["hybrid"] is scheduler.drafter
     assert isinstance(scheduler.drafter.model, PooledModel)

@@ -183,8 +183,9 @@ def test_batched_hybrid_drafts_equal_sequential_drafts(target, adaptive, monkeyp
     assert pooled_draft.pool.in_use == len(PROMPTS)  # one draft cache per hybrid sequence
 
 
-def _collect_updates(scheduler, requests) -> list[list[Update]]:
-    """Submit requests, run until each has finished or failed; every request's updates."""
+def _collect_updates(scheduler, requests, *, stop: bool = True) -> list[list[Update]]:
+    """Submit requests, run until each has finished or failed; every request's updates.
+    ``stop=False`` leaves the scheduler running for more requests."""
     results: dict[int, list[Update]] = {i: [] for i in range(len(requests))}
     done = threading.Semaphore(0)
 
@@ -196,7 +197,8 @@ def _collect_updates(scheduler, requests) -> list[list[Update]]:
 
         return deliver
 
-    scheduler.start()
+    if not scheduler.alive:
+        scheduler.start()
     try:
         for i, request in enumerate(requests):
             request.deliver = deliver_for(i)
@@ -204,14 +206,15 @@ def _collect_updates(scheduler, requests) -> list[list[Update]]:
         for _ in requests:
             assert done.acquire(timeout=60)
     finally:
-        scheduler.stop()
+        if stop:
+            scheduler.stop()
     return [results[i] for i in range(len(requests))]
 
 
-def _run_scheduler(scheduler, requests):
+def _run_scheduler(scheduler, requests, *, stop: bool = True):
     """Submit requests, run to completion, return (text, finish, stats, ids) per request."""
     out = []
-    for updates in _collect_updates(scheduler, requests):
+    for updates in _collect_updates(scheduler, requests, stop=stop):
         assert updates[-1].error is None, updates[-1].error
         text, ids = "".join(u.text for u in updates), [t for u in updates for t in u.token_ids]
         out.append((text, updates[-1].finish_reason, updates[-1].stats, ids))
@@ -258,6 +261,55 @@ def test_greedy_batch_equals_each_request_alone(target, lookup_prompts, drafter_
         assert drafted > free > 0
     pools = [scheduler.target, getattr(scheduler.drafter, "model", None)]
     assert all(p.pool.in_use == 0 for p in pools if isinstance(p, PooledModel))
+
+
+@pytest.mark.parametrize("drafter_kind", ["model", "hybrid", "none"])
+def test_continued_conversations_reuse_their_cached_prefixes(target, drafter_kind) -> None:
+    """Turn 2 of two conversations, submitted together with a fresh prompt: each continued
+    one starts from its own first turn's caches (the draft model's too) and every output
+    equals the request alone; kept prefixes hold no KV slot."""
+    draft = DraftModelDrafter(noisy_copy(target), target=target)
+    drafter = {"model": draft, "hybrid": HybridDrafter(draft), "none": None}[drafter_kind]
+    scheduler = Scheduler(
+        target, drafter, max_batch=4, max_queue=16, num_draft_tokens=3, prefix_cache=3
+    )
+    firsts = [PROMPTS[0], PROMPTS[3]]
+    turn1 = _run_scheduler(scheduler, [_request(p, max_tokens=10) for p in firsts], stop=False)
+    seconds = [p + ids + [9, 9, 4] for p, (_, _, _, ids) in zip(firsts, turn1, strict=True)]
+    fresh = PROMPTS[2]
+    turn2 = _run_scheduler(scheduler, [_request(p, max_tokens=14) for p in [*seconds, fresh]])
+    for prompt, (text, _, stats, ids) in zip([*seconds, fresh], turn2, strict=True):
+        alone = generate(target, None, prompt, max_new_tokens=14)
+        assert ids == alone.token_ids and text == alone.text
+        if prompt is fresh:
+            assert stats.cached_prompt_tokens == 0
+        else:  # the first turn's prompt and answer, but its last token (never fed)
+            assert stats.cached_prompt_tokens == len(prompt) - 3 - 1
+            if drafter_kind != "none":
+                assert stats.drafted > 0
+    assert len(scheduler.prefix) == 3
+    pools = [scheduler.target, getattr(scheduler.drafter, "model", None)]
+    assert all(p.pool.in_use == 0 for p in pools if isinstance(p, PooledModel))
+
+
+def test_kv_pool_detach_and_attach_round_trip(target) -> None:
+    model = pooled(target, slots=2)
+    assert isinstance(model, PooledModel)
+    cache = model.new_cache()
+    model.forward(cache, PROMPTS[3])
+    want = model.forward(cache, [5, 6])  # scored on top of the prompt
+    cache.crop(len(PROMPTS[3]))
+    kept = model.detach_cache(cache)
+    assert model.pool.in_use == 0 and kept.length == len(PROMPTS[3])
+    other = model.new_cache()
+    model.forward(other, [1, 2, 3])  # a neighbour in slot 0
+    back = model.attach_cache(kept)
+    assert back.slot == 1 and back.length == len(PROMPTS[3])
+    torch.testing.assert_close(model.forward(back, [5, 6]), want, atol=1e-5, rtol=0)
+    back.release()
+    kept.crop(4)
+    again = model.attach_cache(kept)
+    assert again.length == 4 and model.pool.in_use == 2
 
 
 def _draft_model_server(target) -> Scheduler:

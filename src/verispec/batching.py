@@ -99,6 +99,21 @@ class SlotCache:
         self.release()
 
 
+class DetachedKV:
+    """A sequence's keys and values copied out of a :class:`KVPool`, so that a prefix
+    cache can keep them without holding one of the pool's slots."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.keys = keys  # per layer [kv_heads, length, head_dim]
+        self.values = values
+        self.length = int(keys[0].shape[1]) if keys else 0
+
+    def crop(self, length: int) -> None:
+        if length < 0:
+            raise ValueError(f"cannot crop a cache to {length} positions")
+        self.length = min(self.length, length)
+
+
 class KVPool:
     """Preallocated keys/values for ``slots`` sequences of one model; grows in length on demand.
 
@@ -135,6 +150,27 @@ class KVPool:
         slot = _Slot(len(self.used))
         self.used.append(slot)
         return SlotCache(self, slot)
+
+    def detach(self, cache: SlotCache) -> DetachedKV:
+        """Copy ``cache``'s positions out and give its slot back."""
+        index, n = cache.slot, cache.length
+        if index < 0:
+            raise ValueError("cannot detach a released cache")
+        keys = [layer[index, :, :n].clone() for layer in self.keys]
+        values = [layer[index, :, :n].clone() for layer in self.values]
+        cache.release()
+        return DetachedKV(keys, values)
+
+    def attach(self, kv: DetachedKV) -> SlotCache:
+        """A new slot holding the first ``kv.length`` positions of ``kv``."""
+        cache = self.new_cache()
+        n = kv.length
+        self.reserve(n)
+        for store, rows in ((self.keys, kv.keys), (self.values, kv.values)):
+            for layer, saved in zip(store, rows, strict=True):
+                layer[cache.slot, :, :n] = saved[:, :n]
+        cache.length = n
+        return cache
 
     def release(self, slot: _Slot) -> None:
         hole, last = slot.index, self.used[-1]
@@ -217,6 +253,14 @@ class PooledModel:
 
     def new_cache(self) -> SlotCache:
         return self.pool.new_cache()
+
+    def detach_cache(self, cache: SlotCache) -> DetachedKV:
+        """For a prefix cache: ``cache``'s contents, its slot given back."""
+        return self.pool.detach(cache)
+
+    def attach_cache(self, kv: DetachedKV) -> SlotCache:
+        """A slot again for what :meth:`detach_cache` returned."""
+        return self.pool.attach(kv)
 
     def include_ids(self, ids: list[int]) -> None:
         """See :meth:`HFModel.include_ids` (a trimmed draft head scores ``ids`` too)."""

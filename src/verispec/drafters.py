@@ -114,8 +114,17 @@ class _DraftModelProposer:
     def adopt_cache(self, state: CachedState) -> None:
         """Start from a finished sequence's draft cache (the next :meth:`propose` keeps
         the part its context agrees with); ignored if another model filled it."""
-        if state.model is self.model and state.cache.length == len(state.tokens):
-            self.cache, self.cached = state.cache, list(state.tokens)
+        if state.model is not self.model or state.cache.length != len(state.tokens):
+            return
+        attach = getattr(self.model, "attach_cache", None)  # a pooled model (the server's)
+        if attach is None:
+            self.cache = state.cache
+        else:
+            release = getattr(self.cache, "release", None)
+            if release is not None:
+                release()  # this proposer's empty slot, before the copy takes one
+            self.cache = attach(state.cache)
+        self.cached = list(state.tokens)
 
     def _align(self, logits: torch.Tensor) -> torch.Tensor:  # [vocab_draft] -> [vocab_target]
         width = logits.shape[-1]

@@ -127,8 +127,10 @@ def start_sequence(
         cache = target.new_cache()
     else:
         entry, shared = found
-        cache = entry.target.cache
-        cache.crop(min(shared, len(prompt_ids) - 1))
+        entry.target.cache.crop(min(shared, len(prompt_ids) - 1))
+        # A pooled model (the server's) keeps cached prefixes outside its slots.
+        attach = getattr(target, "attach_cache", None)
+        cache = entry.target.cache if attach is None else attach(entry.target.cache)
         adopt = getattr(proposer, "adopt_cache", None)  # a draft model's proposer
         if entry.draft is not None and adopt is not None:
             adopt(entry.draft)  # it keeps what the context still agrees with
@@ -159,15 +161,20 @@ def release_sequence(seq: SequenceState, target: LanguageModel) -> None:
     # After EOS inside an accepted run the cache may hold positions past the last
     # emitted token; the ids behind the kept positions are the sequence's own.
     cache.crop(min(cache.length, len(seq.tokens)))
+    tokens = list(seq.tokens[: cache.length])
     draft = None
     state = getattr(seq.proposer, "cached_state", None)  # a draft model's proposer
     if state is not None:
-        draft = state()
-    pool.put(
-        PrefixEntry(
-            target=CachedState(target, list(seq.tokens[: cache.length]), cache), draft=draft
-        )
-    )
+        draft = _detached(state())
+    pool.put(PrefixEntry(target=_detached(CachedState(target, tokens, cache)), draft=draft))
+
+
+def _detached(state: CachedState) -> CachedState:
+    """``state`` with a pooled model's cache copied out of its slot (which is freed)."""
+    detach = getattr(state.model, "detach_cache", None)
+    if detach is None:
+        return state
+    return CachedState(state.model, state.tokens, detach(state.cache))
 
 
 def prompt_step(target: LanguageModel, seq: SequenceState) -> StepEvent:

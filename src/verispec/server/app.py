@@ -407,6 +407,7 @@ def _usage(prompt_tokens: int, stats: GenerationStats) -> s.Usage:
         prompt_tokens=prompt_tokens,
         completion_tokens=stats.new_tokens,
         total_tokens=prompt_tokens + stats.new_tokens,
+        prompt_tokens_details=s.PromptTokensDetails(cached_tokens=stats.cached_prompt_tokens),
     )
 
 

@@ -39,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="sequences per batched pass")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     parser.add_argument(
+        "--prefix-cache",
+        type=int,
+        default=4,
+        help="finished requests whose KV caches are kept for a request that continues one "
+        "(a chat's next turn scores only its new messages); 0 = off (default 4)",
+    )
+    parser.add_argument(
         "--max-tokens", type=int, default=256, help="default max_tokens per request"
     )
     parser.add_argument(
@@ -55,7 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_scheduler(
-    target: Any, drafter: Any, *, max_batch: int, max_queue: int, num_draft_tokens: int | str
+    target: Any,
+    drafter: Any,
+    *,
+    max_batch: int,
+    max_queue: int,
+    num_draft_tokens: int | str,
+    prefix_cache: int = 0,
 ) -> Any:
     """A :class:`Scheduler` with the draft-length policy asked for ("auto" measures pass costs)."""
     from verispec.server.metrics import Metrics
@@ -71,6 +84,7 @@ def build_scheduler(
         max_queue=max_queue,
         num_draft_tokens=k,
         metrics=Metrics(),
+        prefix_cache=prefix_cache,
     )
     if auto and drafter is not None:
         draft_model = getattr(scheduler.drafter, "model", None)
@@ -96,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_queue < 0:
         raise InvalidArgumentError("--max-queue must be >= 0")
+    if args.prefix_cache < 0:
+        raise InvalidArgumentError("--prefix-cache must be >= 0")
     k = args.num_draft_tokens
     if k != "auto" and not 0 <= k <= 64:
         raise InvalidArgumentError(f"--num-draft-tokens must be auto or 0..64, got {k}")
@@ -110,7 +126,12 @@ def run(args: argparse.Namespace) -> int:
     if k == "auto" and drafter is not None:
         print("measuring pass costs for the draft-length policy ...", file=sys.stderr)
     scheduler = build_scheduler(
-        target, drafter, max_batch=args.max_batch, max_queue=args.max_queue, num_draft_tokens=k
+        target,
+        drafter,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        num_draft_tokens=k,
+        prefix_cache=args.prefix_cache,
     )
     app = create_app(
         scheduler,

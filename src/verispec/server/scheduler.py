@@ -49,11 +49,13 @@ from verispec.engine import (
     StepEvent,
     draft_budget,
     finish_step,
+    release_sequence,
     start_sequence,
 )
 from verispec.errors import VerispecError
 from verispec.generate import Detokenizer, to_text_event
 from verispec.models import LanguageModel
+from verispec.prefix import PrefixCache
 from verispec.sampling import SamplingParams
 from verispec.server.policy import AcceptanceEstimate, DraftPolicy, FixedDraftLength
 from verispec.server.provenance import ProvenanceTracker
@@ -132,9 +134,13 @@ class Scheduler:
         num_draft_tokens: int = 4,
         policy: DraftPolicy | None = None,
         metrics: Any = None,  # verispec.server.metrics.Metrics, or None
+        prefix_cache: int = 0,
     ) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if max_batch < 1 or max_queue < 0 or prefix_cache < 0:
+            raise ValueError("max_batch must be >= 1, max_queue and prefix_cache >= 0")
+        # Finished sequences' caches (copied out of the slots) for requests that continue
+        # them: a chat's next turn scores only its new messages.
+        self.prefix = PrefixCache(prefix_cache) if prefix_cache else None
         # Caches live in per-model slot pools, one slot per running sequence. The draft
         # model's pool is shared by every request that drafts with it ("model", "hybrid").
         self.target = pooled(target, slots=max_batch)
@@ -260,7 +266,7 @@ class Scheduler:
                         item.request.deliver(
                             Update(text="", num_tokens=0, error=f"generation failed: {exc}")
                         )
-                    self._retire(list(self._running), cancelled=True)
+                    self._retire(list(self._running), cancelled=True, reuse=False)
             self._gauges()
 
     def _admit(self, requests: list[GenerationRequest]) -> None:
@@ -276,6 +282,7 @@ class Scheduler:
                     request.prompt_ids,
                     params=request.params,
                     max_new_tokens=request.max_tokens,
+                    prefix_cache=self.prefix,
                 )
             except (VerispecError, ValueError, RuntimeError) as exc:
                 request.deliver(Update(text="", num_tokens=0, error=str(exc)))
@@ -297,7 +304,7 @@ class Scheduler:
                 logits = batched_forward(
                     self.target,
                     [item.seq.cache for item in group],
-                    [item.seq.tokens for item in group],
+                    [_uncached(item.seq) for item in group],
                     num_logits=1,
                 )
             except Exception as exc:  # e.g. out of memory: fail these requests, keep serving
@@ -322,7 +329,7 @@ class Scheduler:
                     item.request.deliver(
                         Update(text="", num_tokens=0, error=f"generation failed: {exc}")
                     )
-                    self._retire([item], cancelled=True)
+                    self._retire([item], cancelled=True, reuse=False)
         self._retire(done, cancelled=False)
 
     def _attach_policy(self, seq: SequenceState, request: GenerationRequest) -> None:
@@ -429,9 +436,16 @@ class Scheduler:
         k = item.request.num_draft_tokens
         return draft_budget(self.target, item.seq, self.max_k if k is None else k)
 
-    def _retire(self, items: list[_Running], *, cancelled: bool) -> None:
+    def _retire(self, items: list[_Running], *, cancelled: bool, reuse: bool = True) -> None:
+        """Remove sequences from the batch and free their slots; with ``reuse`` (they stopped
+        between passes, so their caches are whole) the prefix cache keeps a copy first."""
         for item in items:
             self._running.remove(item)
+            if reuse:
+                try:
+                    release_sequence(item.seq, self.target)
+                except Exception:  # keeping a prefix is an optimization; never fail on it
+                    log.exception("keeping a finished sequence's prefix failed")
             _free(item.seq)
             if self.metrics is not None:
                 self.metrics.finished(cancelled=cancelled)
@@ -449,6 +463,11 @@ def _takes_lookup(seq: SequenceState, budget: int) -> bool:
     if not seq.proposer_chooses or takes_lookup is None:
         return False
     return bool(takes_lookup(seq.tokens, budget, params=seq.params, generator=seq.generator))
+
+
+def _uncached(seq: SequenceState) -> list[int]:
+    """What a new sequence's prompt pass scores: the prompt past its reused prefix."""
+    return seq.tokens[seq.cache.length :]
 
 
 def _free(seq: SequenceState) -> None:
@@ -471,10 +490,10 @@ def _prefill_groups(items: list[_Running], max_rows: int = PREFILL_ROWS) -> list
     """New sequences grouped for their prompt passes by prompt length, so that padding
     stays small: a group's padded size (sequences x longest prompt) stays under
     ``max_rows`` unless one prompt alone is longer."""
-    todo = sorted(items, key=lambda item: len(item.seq.tokens))
+    todo = sorted(items, key=lambda item: len(_uncached(item.seq)))
     groups: list[list[_Running]] = []
     for item in todo:
-        if groups and (len(groups[-1]) + 1) * len(item.seq.tokens) <= max_rows:
+        if groups and (len(groups[-1]) + 1) * len(_uncached(item.seq)) <= max_rows:
             groups[-1].append(item)
         else:
             groups.append([item])
