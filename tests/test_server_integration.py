@@ -63,3 +63,43 @@ def test_smollm2_server_matches_the_library(smollm2) -> None:
         alone = generate(smollm2, None, messages, max_new_tokens=24)
         assert text == alone.text and text.strip()
     assert streamed == together[1]
+
+
+def test_smollm2_second_turns_reuse_the_first_and_match_the_library(smollm2) -> None:
+    """With the server's prefix cache, each conversation's second turn (sent side by side)
+    skips what its first turn scored, and its greedy reply equals the library's over the
+    whole prompt on the real model."""
+    scheduler = build_scheduler(
+        smollm2,
+        PromptLookupDrafter(),
+        max_batch=4,
+        max_queue=8,
+        num_draft_tokens=4,
+        prefix_cache=len(CONVERSATIONS),
+    )
+    app = create_app(scheduler, model_name="smollm2-135m")
+    with serve(app, scheduler) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=120)
+
+        def ask(messages) -> openai.types.chat.ChatCompletion:
+            return client.chat.completions.create(
+                model="smollm2-135m", messages=messages, max_tokens=24, temperature=0
+            )
+
+        with ThreadPoolExecutor(len(CONVERSATIONS)) as pool:
+            firsts = list(pool.map(ask, CONVERSATIONS))
+        seconds_in = [
+            [
+                *messages,
+                {"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "Now say it again, shorter."},
+            ]
+            for messages, first in zip(CONVERSATIONS, firsts, strict=True)
+        ]
+        with ThreadPoolExecutor(len(CONVERSATIONS)) as pool:
+            seconds = list(pool.map(ask, seconds_in))
+    for first, second, messages in zip(firsts, seconds, seconds_in, strict=True):
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        assert first.usage.prompt_tokens < cached < second.usage.prompt_tokens
+        alone = generate(smollm2, None, messages, max_new_tokens=24)
+        assert second.choices[0].message.content == alone.text
