@@ -139,6 +139,30 @@ def test_a_second_turn_scores_only_its_new_tokens_and_decodes_the_same(
     assert len(pool) == 1  # the second sequence's caches replaced the first's
 
 
+def test_a_speculative_sequence_keeps_the_prefix_plain_decoding_keeps() -> None:
+    """EOS accepted inside a run of drafts: the speculative pass fed the EOS token (and
+    more) where plain decoding never feeds its last token. The kept prefix must be
+    plain's, or a next turn (whose prompt repeats the EOS) would reuse one position more
+    and split its prompt pass differently from plain decoding through the same cache."""
+    free = TableModel(16, seed=3)
+    out = generate(free, None, [1, 2], max_new_tokens=8).token_ids
+    eos = next(t for i, t in enumerate(out) if i >= 2 and t not in out[:i])
+    target = TableModel(16, seed=3, eos=frozenset({eos}))
+    kept = []
+    for drafter in (None, DraftModelDrafter(target, target=target)):  # drafts always right
+        pool = PrefixCache()
+        result = generate(
+            target, drafter, [1, 2], max_new_tokens=8, num_draft_tokens=6, prefix_cache=pool
+        )
+        assert result.finish_reason == "eos"
+        if drafter is not None:
+            assert result.stats.target_passes == 2  # the EOS came inside the first draft
+        found = pool.take(target, [1, 2, *result.token_ids, 5])
+        assert found is not None
+        kept.append(found[0].target.tokens)
+    assert kept[0] == kept[1] == [1, 2, *result.token_ids[:-1]]
+
+
 def test_the_same_prompt_again_rescores_only_its_last_token(target: Any) -> None:
     counted = Counting(target)
     pool = PrefixCache()

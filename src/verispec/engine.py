@@ -158,9 +158,11 @@ def release_sequence(seq: SequenceState, target: LanguageModel) -> None:
     if pool is None:
         return
     cache = seq.cache
-    # After EOS inside an accepted run the cache may hold positions past the last
-    # emitted token; the ids behind the kept positions are the sequence's own.
-    cache.crop(min(cache.length, len(seq.tokens)))
+    # Keep every token but the last, as plain decoding's cache holds them: a speculative
+    # pass that ended at EOS or max_new_tokens inside an accepted run has fed more, and
+    # a prefix one position longer would change how the next prompt pass splits its work
+    # (and, in the last bits, its numbers) from plain decoding's through the same cache.
+    cache.crop(min(cache.length, len(seq.tokens) - 1))
     tokens = list(seq.tokens[: cache.length])
     draft = None
     state = getattr(seq.proposer, "cached_state", None)  # a draft model's proposer
