@@ -24,7 +24,7 @@ import torch
 from verispec.costs import AdaptiveDraftLength
 from verispec.errors import InvalidArgumentError
 from verispec.models import LanguageModel, check_tokenizers_compatible
-from verispec.prefix import CachedState
+from verispec.prefix import CachedState, common_prefix_length
 from verispec.sampling import SamplingParams, sample, warp
 
 
@@ -52,13 +52,6 @@ class Drafter(Protocol):
     def start(self) -> Proposer:
         """Begin drafting for one new sequence."""
         ...
-
-
-def _common_prefix_length(a: list[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == list(b[:n]):
-        return n
-    return next(i for i in range(n) if a[i] != b[i])
 
 
 def include_ids(model: LanguageModel, ids: list[int]) -> None:
@@ -147,7 +140,7 @@ class _DraftModelProposer:
             return Draft(tokens=[])
         # 1. Keep the cached prefix that the verified context still agrees with;
         #    at least the last context token is fed again to get fresh logits.
-        keep = min(_common_prefix_length(self.cached, context), len(context) - 1)
+        keep = min(common_prefix_length(self.cached, context), len(context) - 1)
         self.cache.crop(keep)
         del self.cached[keep:]
         # 2. Catch up: usually one token, two after a fully accepted draft.

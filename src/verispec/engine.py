@@ -149,6 +149,12 @@ def start_sequence(
     return seq
 
 
+def uncached_prompt(seq: SequenceState) -> list[int]:
+    """What a new sequence's prompt pass scores: the prompt past its reused prefix
+    (all of it without a prefix cache)."""
+    return seq.tokens[seq.cache.length :]
+
+
 def release_sequence(seq: SequenceState, target: LanguageModel) -> None:
     """Give a done (or dropped) sequence's caches to its prefix cache, if it has one.
 
@@ -159,9 +165,10 @@ def release_sequence(seq: SequenceState, target: LanguageModel) -> None:
         return
     cache = seq.cache
     # Keep every token but the last, as plain decoding's cache holds them: a speculative
-    # pass that ended at EOS or max_new_tokens inside an accepted run has fed more, and
-    # a prefix one position longer would change how the next prompt pass splits its work
-    # (and, in the last bits, its numbers) from plain decoding's through the same cache.
+    # pass that ended at an EOS inside an accepted run has fed more (the EOS and the
+    # drafts after it), and a prefix one position longer would change how the next
+    # prompt pass splits its work (and, in the last bits, its numbers) from plain
+    # decoding's through the same cache.
     cache.crop(min(cache.length, len(seq.tokens) - 1))
     tokens = list(seq.tokens[: cache.length])
     draft = None
@@ -184,8 +191,7 @@ def prompt_step(target: LanguageModel, seq: SequenceState) -> StepEvent:
     last row. It counts as a target pass that verified no draft; its time is the
     prompt pass's (``time_prefill``, measured from the sequence's start)."""
     started = time.perf_counter()
-    todo = seq.tokens[seq.cache.length :]  # all of it, unless a cached prefix is reused
-    logits = target.forward(seq.cache, todo, num_logits=1)  # [1, vocab]
+    logits = target.forward(seq.cache, uncached_prompt(seq), num_logits=1)  # [1, vocab]
     return finish_step(target, seq, NO_DRAFT, logits, started=started, prompt=True)
 
 

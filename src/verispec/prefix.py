@@ -31,10 +31,9 @@ from verispec.models import LanguageModel, ModelCache
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading ids ``a`` and ``b`` share."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    if list(a[:n]) == list(b[:n]):  # the usual case, compared in C
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
 
 
 @dataclass

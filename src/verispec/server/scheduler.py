@@ -51,6 +51,7 @@ from verispec.engine import (
     finish_step,
     release_sequence,
     start_sequence,
+    uncached_prompt,
 )
 from verispec.errors import VerispecError
 from verispec.generate import Detokenizer, to_text_event
@@ -304,7 +305,7 @@ class Scheduler:
                 logits = batched_forward(
                     self.target,
                     [item.seq.cache for item in group],
-                    [_uncached(item.seq) for item in group],
+                    [uncached_prompt(item.seq) for item in group],
                     num_logits=1,
                 )
             except Exception as exc:  # e.g. out of memory: fail these requests, keep serving
@@ -465,11 +466,6 @@ def _takes_lookup(seq: SequenceState, budget: int) -> bool:
     return bool(takes_lookup(seq.tokens, budget, params=seq.params, generator=seq.generator))
 
 
-def _uncached(seq: SequenceState) -> list[int]:
-    """What a new sequence's prompt pass scores: the prompt past its reused prefix."""
-    return seq.tokens[seq.cache.length :]
-
-
 def _free(seq: SequenceState) -> None:
     """Give a sequence's KV slots back (target and draft model)."""
     release(seq.cache)
@@ -490,10 +486,10 @@ def _prefill_groups(items: list[_Running], max_rows: int = PREFILL_ROWS) -> list
     """New sequences grouped for their prompt passes by prompt length, so that padding
     stays small: a group's padded size (sequences x longest prompt) stays under
     ``max_rows`` unless one prompt alone is longer."""
-    todo = sorted(items, key=lambda item: len(_uncached(item.seq)))
+    todo = sorted(items, key=lambda item: len(uncached_prompt(item.seq)))
     groups: list[list[_Running]] = []
     for item in todo:
-        if groups and (len(groups[-1]) + 1) * len(_uncached(item.seq)) <= max_rows:
+        if groups and (len(groups[-1]) + 1) * len(uncached_prompt(item.seq)) <= max_rows:
             groups[-1].append(item)
         else:
             groups.append([item])
