@@ -97,6 +97,29 @@ def test_parse_configs() -> None:
     assert [(c.name, c.k) for c in configs] == [("plain", 0), ("lookup", 5), ("draft-k6", 6)]
     with pytest.raises(InvalidArgumentError, match="unknown configuration"):
         parse_configs("plain,draft-k0", ks=[4], lookup_k=8)
+    auto, chain = parse_configs("draft-auto,draft-auto-chain", ks=[4], lookup_k=8)[1:]
+    assert (auto.k, auto.siblings) == ("auto", True)
+    assert (chain.k, chain.siblings, chain.drafter) == ("auto", False, "model")
+
+
+def test_results_report_how_often_siblings_were_kept() -> None:
+    from verispec.bench.report import _siblings_line
+
+    def record(config: str, siblings: int, kept: int) -> RunRecord:
+        return RunRecord(
+            config=config, set_name="s", prompt_id="p", category="s", turn=1, seed=None,
+            prompt_tokens=5, token_ids=tuple(range(40)), time_total=1.0, pass_ends=(0.5, 1.0),
+            pass_tokens=(1, 39), passes_by_draft_length=(1, 0, 0, 10), siblings=siblings,
+            siblings_kept=kept,
+        )  # fmt: skip
+
+    configs = parse_configs("draft-auto,draft-auto-chain", ks=[4], lookup_k=8)
+    run = BenchRun([record("draft-auto", 20, 5), record("draft-auto-chain", 0, 0)], configs, [])
+    line = _siblings_line(run)
+    assert line is not None and "draft-auto verified 20 siblings" in line
+    assert "(2.00 per drafting pass) and kept 5 (25% of them; 12.5% of its tokens)" in line
+    assert "draft-auto-chain" not in line
+    assert _siblings_line(BenchRun([record("draft-auto-chain", 0, 0)], configs, [])) is None
 
 
 def test_greedy_run_matches_plain_and_reports(tiny, tmp_path: Path, monkeypatch) -> None:

@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="draft length k, or auto: per pass from measured costs and acceptance (a draft "
         "model's draft stops where its own confidence says one more token will not pay)",
     )
+    gen.add_argument(
+        "--siblings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with -k auto under greedy decoding, also verify a draft model's runner-up "
+        "tokens where that pays (a token tree; on by default)",
+    )
     gen.add_argument("--ngram", type=_int, default=3, help="longest n-gram for prompt lookup")
     gen.add_argument("--temperature", type=_float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=_int, default=0, help="0 = off")
@@ -182,6 +189,8 @@ def _summary(stats: Any, drafter_name: str) -> str:
             f" | acceptance {stats.acceptance_rate:.1%}"
             f" | {stats.mean_accepted_length:.2f} tokens/pass"
         )
+    if stats.siblings:
+        line += f" | siblings kept {stats.siblings_kept} of {stats.siblings}"
     line += (
         f" | {stats.target_passes} target passes | time: draft {stats.time_draft:.1f} s, "
         f"verify {stats.time_verify:.1f} s, prompt {stats.time_prefill:.1f} s, "
@@ -257,6 +266,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         chat=args.chat,
         num_draft_tokens=args.num_draft_tokens,
+        siblings=args.siblings,
     )
     color = args.show_draft and not args.json
     for event in generation:

@@ -249,6 +249,50 @@ class AdaptiveDraftLength:
                 return True
         return False
 
+    def choose_siblings(
+        self, confidences: Sequence[float], alternatives: Sequence[float], room: int
+    ) -> list[int]:
+        """Which drafted positions get their runner-up token verified too (a sibling).
+
+        ``confidences[i]`` is the draft model's probability of the token it drafted at
+        position i, ``alternatives[i]`` that of its runner-up there. A sibling at i
+        adds a token when the draft is accepted up to i, rejected at i, and the
+        target's token is the runner-up: estimated as ``reach_i * (1 - a_i) * q2_i /
+        (1 - q1_i)`` (the draft's share of the runner-up among the tokens it did not
+        pick). It costs the extra row's verification, ``c_verify(n + s + 1) -
+        c_verify(n + s)``. Siblings are taken, likeliest first, while each raises the
+        pass's expected tokens per cost; at most ``room`` of them and never past the
+        longest measured length. A row is charged at least :data:`ROW_COST_FLOOR`, so
+        where verification costs the same for a few more positions, a sibling must
+        still have some chance of paying.
+        """
+        n = len(confidences)
+        if n == 0 or room <= 0:
+            return []
+        c_verify, c_draft = self.costs.c_verify, self.c_draft
+        reach, expected = 1.0, 1.0
+        scored: list[tuple[float, int]] = []
+        for i, (q1, q2) in enumerate(zip(confidences, alternatives, strict=True)):
+            a = self.acceptance_at(q1)
+            share = min(1.0, q2 / (1.0 - q1)) if q1 < 1.0 else 0.0
+            scored.append((reach * (1.0 - a) * share, i))
+            reach *= a
+            expected += reach
+        scored.sort(reverse=True)
+        chosen: list[int] = []
+        cost = c_verify[n] + n * c_draft
+        for gain, i in scored:
+            width = n + len(chosen) + 1
+            if len(chosen) >= room or width > self.costs.max_k or gain <= 0:
+                break
+            extra = max(c_verify[width] - c_verify[width - 1], ROW_COST_FLOOR)
+            if (expected + gain) / (cost + extra) <= expected / cost:
+                break
+            chosen.append(i)
+            expected += gain
+            cost += extra
+        return sorted(chosen)
+
     def acceptance_at(self, confidence: float) -> float:
         """Estimated acceptance of a draft token the draft model gave ``confidence``."""
         accepted, observed = self._by_confidence[_confidence_bin(confidence)]
@@ -306,6 +350,14 @@ class AdaptiveDraftLength:
         step = verify_seconds / self.costs.c_verify[min(drafted, self.costs.max_k)]
         observed = draft_seconds / (drafted * step)
         self.c_draft = 0.7 * self.c_draft + 0.3 * observed
+
+
+# The least a sibling's extra verification row is charged, in target steps. The
+# calibration (passes timed back to back) finds 2-6 rows equally costly, but inside the
+# decode loop (the draft model running between passes) a pass of the 1.5B target took
+# 217-221 ms for 2-4 rows and 229-237 ms for 5-6 (2026-11-30, MT-bench turns): rows are
+# not quite free there, so a sibling must be worth at least this much of a step.
+ROW_COST_FLOOR = 0.02
 
 
 def _confidence_bin(confidence: float) -> int:

@@ -33,6 +33,9 @@ class Draft:
     tokens: list[int]  # [k'] with k' <= k (k' may be 0: nothing to propose)
     probs: torch.Tensor | None = None  # [k', vocab] sampling distributions of the tokens, or None
     free: bool = False  # True when proposing cost (next to) nothing, e.g. a prompt lookup
+    # (i, s): token s is verified as an alternative to tokens[i] in the same pass (a token
+    # tree, greedy decoding only; see verispec.verify)
+    siblings: tuple[tuple[int, int], ...] = ()
 
 
 class Proposer(Protocol):
@@ -93,6 +96,16 @@ class _DraftModelProposer:
         self.cache = model.new_cache()
         self.cached: list[int] = []  # the token ids behind self.cache, in order
         self.policy: AdaptiveDraftLength | None = None  # set by follow_confidence
+        self.siblings = False  # set by propose_siblings
+        self.target_context = 0  # the target's context window (propose_siblings)
+
+    def propose_siblings(self, policy: AdaptiveDraftLength, target_context: int) -> None:
+        """Under greedy decoding, offer the runner-up token of drafted positions as
+        siblings where ``policy.choose_siblings`` says verifying them pays (the target
+        must score token trees; the engine checks that before it calls this)."""
+        self.follow_confidence(policy)
+        self.siblings = True
+        self.target_context = target_context
 
     def follow_confidence(self, policy: AdaptiveDraftLength) -> None:
         """Stop each draft where ``policy.keep_drafting`` says one more token does not
@@ -152,9 +165,17 @@ class _DraftModelProposer:
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         confidences: list[float] = []  # the draft's probability of each drafted token
+        runners_up: list[tuple[int, float]] = []  # (token, probability) per position
+        siblings = self.siblings and params.greedy and self.policy is not None
         for i in range(k):
             row = self._align(logits)  # [vocab]
-            if params.greedy:
+            if siblings:
+                best = row.topk(2)
+                token = int(best.indices[0])
+                top = torch.exp(best.values - torch.logsumexp(row, -1)).tolist()
+                confidences.append(top[0])
+                runners_up.append((int(best.indices[1]), top[1]))
+            elif params.greedy:
                 token = int(row.argmax().item())
                 if self.policy is not None:
                     confidences.append(float(torch.exp(row[token] - torch.logsumexp(row, -1))))
@@ -169,7 +190,19 @@ class _DraftModelProposer:
             if i + 1 < k:
                 logits = self.model.forward(self.cache, [token], num_logits=1)[-1]
                 self.cached.append(token)
-        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
+        chosen: tuple[tuple[int, int], ...] = ()
+        if siblings and self.policy is not None:
+            room = self.sibling_room(len(context), len(tokens))
+            picks = self.policy.choose_siblings(
+                confidences, [p for _, p in runners_up[: len(tokens)]], room
+            )
+            chosen = tuple((i, runners_up[i][0]) for i in picks)
+        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None, siblings=chosen)
+
+    def sibling_room(self, context_length: int, drafted: int) -> int:
+        """How many sibling rows fit in the target's context after this draft (the
+        engine sets ``target_context``; without it, none)."""
+        return max(0, self.target_context - context_length - drafted - 1)
 
 
 class PromptLookupDrafter:
@@ -255,6 +288,10 @@ class _HybridProposer:
     def follow_confidence(self, policy: AdaptiveDraftLength) -> None:
         """Let the draft model's drafts stop by its confidence (see the model proposer's)."""
         self.model.follow_confidence(policy)
+
+    def propose_siblings(self, policy: AdaptiveDraftLength, target_context: int) -> None:
+        """Let the draft model's drafts carry siblings (see the model proposer's)."""
+        self.model.propose_siblings(policy, target_context)
 
     def cached_state(self) -> CachedState:
         return self.model.cached_state()

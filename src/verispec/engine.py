@@ -213,8 +213,15 @@ def step(target: LanguageModel, seq: SequenceState, num_draft_tokens: int) -> St
     seq.last_draft_free = draft.free
     t1 = time.perf_counter()
     seq.stats.time_draft += t1 - t0
-    # 2. Score the last token and the draft in one target pass.
-    logits = target.forward(seq.cache, [seq.tokens[-1], *draft.tokens])  # [k' + 1, vocab]
+    # 2. Score the last token and the draft in one target pass (with siblings: a tree
+    #    whose extra rows each follow the draft token before the one they replace).
+    tokens = [seq.tokens[-1], *draft.tokens]
+    if draft.siblings:
+        parents = [*range(-1, len(draft.tokens)), *(i for i, _ in draft.siblings)]
+        tokens += [token for _, token in draft.siblings]
+        logits = target.forward(seq.cache, tokens, parents=parents)  # type: ignore[call-arg]
+    else:
+        logits = target.forward(seq.cache, tokens)  # [k' + 1, vocab]
     return finish_step(target, seq, draft, logits, started=t1)
 
 
@@ -222,7 +229,7 @@ def finish_step(
     target: LanguageModel,
     seq: SequenceState,
     draft: Draft,
-    logits: torch.Tensor,  # [k' + 1, vocab]: the target's pass over [last token, *draft.tokens]
+    logits: torch.Tensor,  # [k' + 1 (+ siblings), vocab]: the pass over [last, *draft.tokens]
     *,
     started: float,  # perf_counter() when the target pass began (for time_verify)
     prompt: bool = False,  # the prompt pass (logits: its last row; draft: none)
@@ -234,12 +241,20 @@ def finish_step(
     remaining = seq.max_new_tokens - len(seq.generated)
     # 3. Verify.
     if seq.params.greedy:
-        verdict = greedy_verify(draft.tokens, logits)
+        verdict = greedy_verify(draft.tokens, logits, draft.siblings)
     else:
+        if draft.siblings:
+            raise InvalidArgumentError("siblings are verified under greedy decoding only")
         p_target = warp(logits, seq.params)  # [k' + 1, vocab]
         verdict = rejection_sample(draft.tokens, draft.probs, p_target, seq.generator)
-    # 4. Roll the target cache back to the context plus the accepted drafts.
-    seq.cache.crop(len(seq.tokens) + verdict.num_accepted)
+    # 4. Roll the target cache back to the context plus the accepted drafts (and a kept
+    #    sibling, moved from its row to the place of the draft token it replaces).
+    base = len(seq.tokens)  # the pass's row r sits at position base - 1 + r
+    kept = base + verdict.num_accepted
+    if verdict.sibling is not None:
+        seq.cache.move(base - 1 + verdict.sibling_row, kept)  # type: ignore[attr-defined]
+        kept += 1
+    seq.cache.crop(kept)
     t2 = time.perf_counter()
     # 5. Emit, honouring EOS and the length limits exactly.
     new = verdict.tokens(draft.tokens)
@@ -261,6 +276,8 @@ def finish_step(
         accepted=verdict.num_accepted,
         emitted=len(new),
         free=draft.free,
+        siblings=len(draft.siblings),
+        sibling_kept=verdict.sibling is not None,
     )
     stats.time_total = time.perf_counter() - seq.started_at
     if prompt:
@@ -269,9 +286,10 @@ def finish_step(
         stats.time_verify += t2 - started
     if stats.target_passes == 1:
         stats.time_to_first_token = stats.time_total
+    from_draft = verdict.num_accepted + (verdict.sibling is not None)  # the first ones
     return StepEvent(
         tokens=new,
-        from_draft=[i < verdict.num_accepted for i in range(len(new))],
+        from_draft=[i < from_draft for i in range(len(new))],
         num_drafted=len(draft.tokens),
         num_accepted=verdict.num_accepted,
         finish_reason=finish,
@@ -288,6 +306,7 @@ def speculate(
     num_draft_tokens: DraftLength = 4,
     costs: CostModel | None = None,
     prefix_cache: PrefixCache | None = None,
+    siblings: bool = True,
 ) -> Generator[tuple[StepEvent, SequenceState], None, None]:
     """Generate from ``prompt_ids``, yielding one event per target pass.
 
@@ -301,7 +320,11 @@ def speculate(
     drops the sequence (its caches belong to it alone). With ``prefix_cache``
     (:class:`verispec.prefix.PrefixCache`) the prompt pass reuses the cached
     prefix the prompt shares, and the sequence's caches go back to it when it
-    ends (finished, or closed between passes).
+    ends (finished, or closed between passes). Under greedy decoding with
+    ``"auto"``, a draft model's drafts also carry siblings (its runner-up tokens,
+    verified in the same pass as a token tree) where the cost model says the extra
+    rows pay, if the target can score trees (``supports_tree``); ``siblings=False``
+    verifies chains only.
     """
     params = params or SamplingParams()
     check_generation_args(max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens)
@@ -326,6 +349,9 @@ def speculate(
         follow = getattr(seq.proposer, "follow_confidence", None)
         if follow is not None:  # a draft model's drafts stop where its confidence drops
             follow(seq.policy)
+        tree = getattr(seq.proposer, "propose_siblings", None)
+        if tree is not None and siblings and params.greedy and supports_tree(target):
+            tree(seq.policy, target.max_context)
     fixed_k = num_draft_tokens if isinstance(num_draft_tokens, int) else 0
     return _run(target, seq, fixed_k, first)
 
@@ -364,3 +390,9 @@ def _next_pass(target: LanguageModel, seq: SequenceState, fixed_k: int) -> StepE
             seq.stats.time_verify - verify_before,
         )
     return event
+
+
+def supports_tree(target: LanguageModel) -> bool:
+    """Whether ``target`` scores token trees (``forward(..., parents=)``) and its caches
+    move positions (:class:`verispec.models.HFModel` with the lean runner)."""
+    return bool(getattr(target, "supports_tree", False))

@@ -185,6 +185,7 @@ class Generation:
         num_draft_tokens: DraftLength,
         costs: CostModel | None,
         prefix_cache: PrefixCache | None = None,
+        siblings: bool = True,
     ) -> None:
         self.prompt_ids = prompt_ids
         self.text = ""
@@ -201,6 +202,7 @@ class Generation:
             num_draft_tokens=num_draft_tokens,
             costs=costs,
             prefix_cache=prefix_cache,
+            siblings=siblings,
         )
 
     def __iter__(self) -> Iterator[TextEvent]:
@@ -243,6 +245,7 @@ def stream(
     num_draft_tokens: DraftLength = 4,
     costs: CostModel | None = None,
     prefix_cache: PrefixCache | None = None,
+    siblings: bool = True,
 ) -> Generation:
     """Start a generation; iterate the result for one :class:`TextEvent` per target pass.
 
@@ -251,6 +254,8 @@ def stream(
     same loop. Arguments are validated here, before any model work.
     ``prefix_cache`` (:class:`verispec.PrefixCache`) lets the prompt pass reuse
     what an earlier generation through it already scored (a chat's earlier turns).
+    ``siblings=False`` keeps the adaptive policy's drafts to chains (no token-tree
+    siblings; see :func:`verispec.engine.speculate`).
     """
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     check_generation_args(max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens)
@@ -273,6 +278,7 @@ def stream(
         num_draft_tokens=num_draft_tokens,
         costs=costs,
         prefix_cache=prefix_cache,
+        siblings=siblings,
     )
 
 
@@ -291,6 +297,7 @@ def generate(
     num_draft_tokens: DraftLength = 4,
     costs: CostModel | None = None,
     prefix_cache: PrefixCache | None = None,
+    siblings: bool = True,
 ) -> GenerationResult:
     """Generate to completion: text, token ids and statistics. Arguments as :func:`stream`."""
     return stream(
@@ -307,4 +314,5 @@ def generate(
         num_draft_tokens=num_draft_tokens,
         costs=costs,
         prefix_cache=prefix_cache,
+        siblings=siblings,
     ).result()

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -109,6 +111,16 @@ class LeanCache:
     def crop(self, n: int) -> None:
         """Drop positions like ``DynamicCache.crop``: a negative ``n`` drops ``-n`` positions."""
         self.length = self.length + n if n < 0 else min(n, self.length)
+
+    @torch.inference_mode()
+    def move(self, source: int, destination: int) -> None:
+        """Copy one position's keys and values over another's (a verified tree's branch
+        taking its place in the sequence)."""
+        if not 0 <= destination < self.length or not 0 <= source < self.length:
+            raise ValueError(f"cannot move position {source} to {destination} of {self.length}")
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[:, destination] = keys[:, source]
+            values[:, destination] = values[:, source]
 
 
 class LeanRunner:
@@ -211,12 +223,36 @@ class LeanRunner:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def forward(self, cache: LeanCache, ids: torch.Tensor, num_logits: int) -> torch.Tensor:
-        """``ids`` [n] -> logits of the last ``num_logits`` positions, [num_logits, vocab]."""
+    def forward(
+        self,
+        cache: LeanCache,
+        ids: torch.Tensor,
+        num_logits: int,
+        parents: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """``ids`` [n] -> logits of the last ``num_logits`` positions, [num_logits, vocab].
+
+        ``parents`` makes the new positions a tree instead of a chain: row r follows
+        row ``parents[r]`` (-1: the cached context; always an earlier row), sees only
+        the context and its own ancestors, and sits at the position its depth gives
+        (see :func:`tree_layout`). All rows are written to the cache in input order.
+        """
         n = int(ids.shape[0])
         past = cache.length
         cache.reserve(past + n, self.max_context)
-        cos, sin = self._rope(past, n)  # [n, head_dim]
+        tree: TreeMask | None = None
+        if parents is None:
+            cos, sin = self._rope(past, n)  # [n, head_dim]
+        else:
+            depth, rows = tree_layout(parents, n)
+            cos, sin = self._rope(past, max(depth) + 1)
+            at = torch.tensor(depth, device=self.device)
+            cos, sin = cos[at], sin[at]  # [n, head_dim]: each row at its depth
+            mask = torch.ones(n, past + n, dtype=torch.bool, device=self.device)
+            mask[:, past:] = False
+            for r, seen in enumerate(rows):
+                mask[r, [past + c for c in seen]] = True
+            tree = TreeMask(mask=mask, rows=rows)
         inner = self.hf.model
         x = inner.embed_tokens(ids)  # [n, hidden]
         if n == 1 and self._step is not None:
@@ -227,7 +263,7 @@ class LeanRunner:
                 self._step = None  # the eager pass rewrites the same cache positions
                 x = self._layers(x, cos, sin, past, cache.keys, cache.values)
         else:
-            x = self._layers(x, cos, sin, past, cache.keys, cache.values)
+            x = self._layers(x, cos, sin, past, cache.keys, cache.values, tree)
         cache.length = past + n
         x = self._rms_norm(inner.norm, x[n - num_logits :])
         return self.hf.get_output_embeddings()(x)  # [num_logits, vocab]
@@ -240,12 +276,15 @@ class LeanRunner:
         past: int,  # positions already in the cache
         all_keys: list[torch.Tensor],  # per layer [kv_heads, capacity, head_dim]
         all_values: list[torch.Tensor],
+        tree: TreeMask | None = None,  # the rows form a tree (forward's ``parents``)
     ) -> torch.Tensor:  # [n, hidden]: the last layer's output
         """The decoder layers; writes the new positions' keys and values into the cache
         tensors and touches no other state (so ``torch.compile`` can take it whole)."""
         n = x.shape[0]
         mask = None
-        if n > 1:
+        if tree is not None:
+            mask = tree.mask
+        elif n > 1:
             q_pos = torch.arange(past, past + n, device=self.device)[:, None]
             mask = torch.arange(past + n, device=self.device)[None, :] <= q_pos  # [n, past + n]
         scale = self.head_dim**-0.5
@@ -272,8 +311,7 @@ class LeanRunner:
                     [
                         F.scaled_dot_product_attention(
                             q[None, :, j : j + 1].contiguous(),
-                            keys[None, :, : past + j + 1],
-                            values[None, :, : past + j + 1],
+                            *self._seen(keys, values, past, j, tree),
                             scale=scale,
                             enable_gqa=gqa,
                         )
@@ -300,3 +338,46 @@ class LeanRunner:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             x = x + mlp.down_proj(F.silu(gate) * up)
         return x
+
+    @staticmethod
+    def _seen(
+        keys: torch.Tensor,  # [kv_heads, capacity, head_dim]
+        values: torch.Tensor,
+        past: int,
+        row: int,
+        tree: TreeMask | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x [1, kv_heads, positions, head_dim]
+        """The keys and values new row ``row`` attends to, in sequence order: what a
+        one-position pass at its place in the sequence would see."""
+        seen = None if tree is None else tree.rows[row]
+        if seen is None or seen == list(range(row + 1)):  # a chain: one slice
+            return keys[None, :, : past + row + 1], values[None, :, : past + row + 1]
+        index = torch.cat([torch.arange(past), torch.tensor(seen) + past]).to(keys.device)
+        return keys.index_select(1, index)[None], values.index_select(1, index)[None]
+
+
+@dataclass(frozen=True)
+class TreeMask:
+    """A tree of new positions: ``mask`` [n, past + n] (True: attends) and, per row,
+    the new rows it sees (its ancestors and itself, ascending)."""
+
+    mask: torch.Tensor
+    rows: list[list[int]]
+
+
+def tree_layout(parents: Sequence[int], n: int) -> tuple[list[int], list[list[int]]]:
+    """Depth of each new row (its position past the context) and the rows it sees.
+
+    Example: parents ``[-1, 0, 1, 0]`` is a chain of three rows and a fourth row
+    that is an alternative to row 1: depths ``[0, 1, 2, 1]``; row 3 sees rows 0 and 3.
+    """
+    if len(parents) != n:
+        raise ValueError(f"{len(parents)} parents for {n} rows")
+    depth: list[int] = []
+    rows: list[list[int]] = []
+    for r, parent in enumerate(parents):
+        if not -1 <= parent < r:
+            raise ValueError(f"row {r}'s parent {parent} is not an earlier row or -1")
+        depth.append(0 if parent < 0 else depth[parent] + 1)
+        rows.append([*(rows[parent] if parent >= 0 else []), r])
+    return depth, rows

@@ -70,6 +70,10 @@ class HFCache:
             self.kv.crop(length - self.length)  # transformers 5: a negative count drops positions
             self.length = length
 
+    def move(self, source: int, destination: int) -> None:
+        """Copy position ``source``'s keys and values over ``destination``'s (lean caches)."""
+        self.kv.move(source, destination)
+
 
 @dataclass
 class HFModel:
@@ -110,6 +114,12 @@ class HFModel:
         if isinstance(head, kernels_module.TrimmedHead):
             head.include(ids)
 
+    @property
+    def supports_tree(self) -> bool:
+        """Whether :meth:`forward` takes ``parents`` (a tree of new positions) and its
+        caches ``move`` positions: the lean runner's."""
+        return self.lean is not None
+
     def new_cache(self) -> HFCache:
         if self.lean is not None:
             return HFCache(kv=self.lean.new_cache())
@@ -121,8 +131,15 @@ class HFModel:
 
     @torch.inference_mode()
     def forward(
-        self, cache: HFCache, tokens: list[int], *, num_logits: int | None = None
+        self,
+        cache: HFCache,
+        tokens: list[int],
+        *,
+        num_logits: int | None = None,
+        parents: list[int] | None = None,
     ) -> torch.Tensor:  # [num_logits or len(tokens), vocab] float32 on CPU
+        """Append ``tokens`` to ``cache`` and score them. With ``parents`` (lean runner
+        only, see :meth:`verispec.lean.LeanRunner.forward`) the tokens form a tree."""
         if not tokens:
             raise ValueError("forward() needs at least one token")
         if cache.length + len(tokens) > self.max_context:
@@ -132,9 +149,11 @@ class HFModel:
             )
         if self.lean is not None:
             ids = torch.tensor(tokens, dtype=torch.long, device=self.device)  # [n]
-            logits = self.lean.forward(cache.kv, ids, num_logits or len(tokens))
+            logits = self.lean.forward(cache.kv, ids, num_logits or len(tokens), parents)
             cache.length += len(tokens)
             return logits.float().cpu()
+        if parents is not None:
+            raise InvalidArgumentError(f"{self.name}: token trees need the lean runner")
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, n]
         out = self.hf(
             input_ids=ids,

@@ -21,14 +21,27 @@ class GenerationStats:
     # [j]: target passes that verified j drafted tokens (the prompt pass counts at j = 0)
     passes_by_draft_length: list[int] = field(default_factory=list)
     free_drafted: int = 0  # drafted tokens that cost (next to) nothing: prompt lookup
+    siblings: int = 0  # runner-up tokens verified beside the drafts (token trees)
+    siblings_kept: int = 0  # of those, kept in place of a rejected draft token
     time_prefill: float = 0.0  # seconds in the prompt pass
     time_draft: float = 0.0  # seconds inside the drafter
     time_verify: float = 0.0  # seconds in target passes and verification
     time_total: float = 0.0  # wall time from start to the last token
     time_to_first_token: float = 0.0
 
-    def record_pass(self, *, drafted: int, accepted: int, emitted: int, free: bool = False) -> None:
+    def record_pass(
+        self,
+        *,
+        drafted: int,
+        accepted: int,
+        emitted: int,
+        free: bool = False,
+        siblings: int = 0,
+        sibling_kept: bool = False,
+    ) -> None:
         self.target_passes += 1
+        self.siblings += siblings
+        self.siblings_kept += sibling_kept
         self.drafted += drafted
         if free:
             self.free_drafted += drafted
@@ -85,6 +98,8 @@ class GenerationStats:
             "acceptance_by_position": self.acceptance_by_position,
             "passes_by_draft_length": list(self.passes_by_draft_length),
             "free_drafted": self.free_drafted,
+            "siblings": self.siblings,
+            "siblings_kept": self.siblings_kept,
             "tokens_per_second": self.tokens_per_second,
             "time_to_first_token": self.time_to_first_token,
             "time_prefill": self.time_prefill,

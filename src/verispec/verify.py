@@ -22,6 +22,12 @@ recovered
 bonus
     When all k draft tokens are accepted, the target's row k gives one more
     token for free.
+siblings
+    Optional alternatives ``(i, s)`` to draft token ``d_{i+1}``, scored in the
+    same pass as extra rows after the draft's (a token tree: each sees the
+    context, ``d_1 .. d_i`` and itself). Greedy decoding only: when ``d_{i+1}`` is
+    the first rejected token and ``s`` is the target's argmax in its place, ``s``
+    is kept and its own row gives the next token.
 
 Every verification therefore yields ``n + 1`` new tokens: n accepted plus one
 recovered or bonus token. Rejection sampling (Leviathan et al. 2023, Chen et
@@ -30,6 +36,7 @@ al. 2023) makes the result distributed exactly as sampling from the target.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,27 +50,40 @@ class Verdict:
 
     num_accepted: int  # n: draft tokens kept
     next_token: int  # the recovered token (n < k) or the bonus token (n == k)
+    sibling: int | None = None  # a kept sibling of d_{n+1} (then next_token follows it)
+    sibling_row: int = -1  # the pass's row that scored the kept sibling
 
     def tokens(self, draft_tokens: list[int]) -> list[int]:
-        """The ``n + 1`` tokens this verification adds to the sequence."""
-        return [*draft_tokens[: self.num_accepted], self.next_token]
+        """The ``n + 1`` tokens this verification adds to the sequence (``n + 2`` when a
+        sibling was kept)."""
+        kept = [] if self.sibling is None else [self.sibling]
+        return [*draft_tokens[: self.num_accepted], *kept, self.next_token]
 
 
 def greedy_verify(
     draft_tokens: list[int],  # [k]
-    target_logits: torch.Tensor,  # [k + 1, vocab]
+    target_logits: torch.Tensor,  # [k + 1 + len(siblings), vocab]
+    siblings: Sequence[tuple[int, int]] = (),  # (i, s): s is an alternative to d_{i+1}
 ) -> Verdict:
     """Keep draft tokens while they equal the target's argmax.
 
     Example: target argmax per row ``[5, 7, 2, 9]`` and draft ``[5, 7, 4]``:
     ``d_1, d_2`` match, ``d_3`` does not, so 2 are accepted and 2 is recovered.
+    With the sibling ``(2, 2)`` (row 4 of the pass, argmax 8), the recovered 2 is
+    the sibling: it is kept and its row's argmax 8 follows it.
     """
-    target_choice = target_logits.argmax(dim=-1).tolist()  # [k + 1]
+    k = len(draft_tokens)
+    target_choice = target_logits.argmax(dim=-1).tolist()  # [k + 1 + siblings]
     n = 0
     for draft, choice in zip(draft_tokens, target_choice, strict=False):
         if draft != choice:
             break
         n += 1
+    if n < k:
+        for m, (i, token) in enumerate(siblings):
+            if i == n and token == target_choice[n]:
+                row = k + 1 + m
+                return Verdict(n, int(target_choice[row]), sibling=token, sibling_row=row)
     return Verdict(num_accepted=n, next_token=int(target_choice[n]))
 
 

@@ -58,8 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--configs",
         default=None,
-        help="comma-separated subset of plain, draft-k<K>, draft-auto, hybrid-auto, lookup, "
-        "hf-plain, hf-assisted, hf-lookup, hf-default (default: all; plain always runs)",
+        help="comma-separated subset of plain, draft-k<K>, draft-auto, draft-auto-chain, "
+        "hybrid-auto, lookup, hf-plain, hf-assisted, hf-lookup, hf-default (default: all but "
+        "draft-auto-chain; plain always runs)",
     )
     parser.add_argument("--k", type=_ints, default=[4, 8], help="draft lengths for draft-k<K>")
     parser.add_argument("--lookup-k", type=int, default=8, help="draft length of prompt lookup")

@@ -295,6 +295,31 @@ def _prefix_cache_line(run: BenchRun) -> str:
     )
 
 
+def _siblings_line(run: BenchRun) -> str | None:
+    """How often the configurations' token-tree siblings were verified and kept."""
+    parts = []
+    for config in run.configs:
+        runs = [r for r in run.records if r.config == config.name and r.siblings]
+        if not runs:
+            continue
+        verified = sum(r.siblings or 0 for r in runs)
+        kept = sum(r.siblings_kept or 0 for r in runs)
+        passes = sum(sum(r.passes_by_draft_length[1:]) for r in runs)
+        tokens = sum(r.new_tokens for r in runs)
+        parts.append(
+            f"{config.name} verified {verified} siblings beside its drafts "
+            f"({verified / max(passes, 1):.2f} per drafting pass) and kept {kept} "
+            f"({kept / max(verified, 1):.0%} of them; {kept / max(tokens, 1):.1%} of its tokens)"
+        )
+    if not parts:
+        return None
+    return (
+        "Token trees (a draft's runner-up tokens verified in the same pass): "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def markdown(
     run: BenchRun, summary: dict[str, Any], setup: dict[str, Any], costs: dict[str, Any] | None
 ) -> str:
@@ -315,6 +340,9 @@ def markdown(
     ]
     if setup.get("prefix_cache"):
         lines += [_prefix_cache_line(run), ""]
+    siblings = _siblings_line(run)
+    if siblings is not None:
+        lines += [siblings, ""]
     bad = [m for m in summary["mismatches"] if m["engine"] == "verispec"]
     if bad:
         lines += [

@@ -53,6 +53,7 @@ class BenchConfig:
     engine: str  # "verispec" or "transformers"
     drafter: str  # "none", "model" or "lookup"
     k: DraftLength = 0  # draft length: an integer, "auto", or 0 (no drafter / peer default)
+    siblings: bool = True  # "auto" drafts may carry token-tree siblings (greedy only)
 
     @property
     def speculative(self) -> bool:
@@ -78,6 +79,8 @@ def parse_configs(text: str | None, *, ks: Sequence[int], lookup_k: int) -> list
             configs.append(BenchConfig(name, "verispec", "model", int(name[7:])))
         elif name == "draft-auto":
             configs.append(BenchConfig(name, "verispec", "model", "auto"))
+        elif name == "draft-auto-chain":  # draft-auto verifying chains only (no siblings)
+            configs.append(BenchConfig(name, "verispec", "model", "auto", siblings=False))
         elif name == "hybrid-auto":
             configs.append(BenchConfig(name, "verispec", "hybrid", "auto"))
         elif name == "lookup":
@@ -93,7 +96,8 @@ def parse_configs(text: str | None, *, ks: Sequence[int], lookup_k: int) -> list
         else:
             raise InvalidArgumentError(
                 f"unknown configuration {name!r}; choose from plain, draft-k<K> (K in 1..64), "
-                "draft-auto, hybrid-auto, lookup, hf-plain, hf-assisted, hf-lookup, hf-default"
+                "draft-auto, draft-auto-chain, hybrid-auto, lookup, hf-plain, hf-assisted, "
+                "hf-lookup, hf-default"
             )
     return configs
 
@@ -119,6 +123,8 @@ class RunRecord:
     accepted_by_position: tuple[int, ...] = ()
     passes_by_draft_length: tuple[int, ...] = ()  # [j]: target passes that verified j drafts
     free_drafted: int | None = None  # drafted tokens that cost nothing (prompt lookup)
+    siblings: int | None = None  # runner-up tokens verified beside the drafts (token trees)
+    siblings_kept: int | None = None  # of those, kept in place of a rejected draft token
     time_prefill: float | None = None
     cached_prompt_tokens: int | None = None  # reused from a prefix cache (verispec only)
     time_draft: float | None = None
@@ -190,10 +196,21 @@ class _TimedModel:
         self.model = model
         self.seconds = 0.0
 
-    def forward(self, cache: Any, tokens: list[int], *, num_logits: int | None = None) -> Any:
+    def forward(
+        self,
+        cache: Any,
+        tokens: list[int],
+        *,
+        num_logits: int | None = None,
+        parents: list[int] | None = None,
+    ) -> Any:
         start = time.perf_counter()
         try:
-            return self.model.forward(cache, tokens, num_logits=num_logits)
+            if parents is None:
+                return self.model.forward(cache, tokens, num_logits=num_logits)
+            return self.model.forward(  # type: ignore[call-arg]
+                cache, tokens, num_logits=num_logits, parents=parents
+            )
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -296,6 +313,7 @@ class Runner:
             prefix_cache=(
                 self._prefix.setdefault(config.name, PrefixCache()) if self.prefix_cache else None
             ),
+            siblings=config.siblings,
         )
         ends: list[float] = []
         counts: list[int] = []
@@ -316,6 +334,8 @@ class Runner:
             accepted_by_position=tuple(stats.accepted_by_position),
             passes_by_draft_length=tuple(stats.passes_by_draft_length),
             free_drafted=stats.free_drafted,
+            siblings=stats.siblings,
+            siblings_kept=stats.siblings_kept,
             time_prefill=stats.time_prefill,
             cached_prompt_tokens=stats.cached_prompt_tokens,
             time_draft=stats.time_draft,
