@@ -193,9 +193,7 @@ class _DraftModelProposer:
         chosen: tuple[tuple[int, int], ...] = ()
         if siblings and self.policy is not None:
             room = self.sibling_room(len(context), len(tokens))
-            picks = self.policy.choose_siblings(
-                confidences, [p for _, p in runners_up[: len(tokens)]], room
-            )
+            picks = self.policy.choose_siblings(confidences, [p for _, p in runners_up], room)
             chosen = tuple((i, runners_up[i][0]) for i in picks)
         return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None, siblings=chosen)
 

@@ -252,7 +252,16 @@ class LeanRunner:
             mask[:, past:] = False
             for r, seen in enumerate(rows):
                 mask[r, [past + c for c in seen]] = True
-            tree = TreeMask(mask=mask, rows=rows)
+            # Per row, the cached and new positions it attends to, for per-query attention:
+            # None where that is one slice (a chain's prefix), else an index, built once
+            # here rather than in every layer.
+            gather = [
+                None
+                if seen == list(range(r + 1))
+                else torch.cat([torch.arange(past), torch.tensor(seen) + past]).to(self.device)
+                for r, seen in enumerate(rows)
+            ]
+            tree = TreeMask(mask=mask, gather=gather)
         inner = self.hf.model
         x = inner.embed_tokens(ids)  # [n, hidden]
         if n == 1 and self._step is not None:
@@ -349,20 +358,19 @@ class LeanRunner:
     ) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x [1, kv_heads, positions, head_dim]
         """The keys and values new row ``row`` attends to, in sequence order: what a
         one-position pass at its place in the sequence would see."""
-        seen = None if tree is None else tree.rows[row]
-        if seen is None or seen == list(range(row + 1)):  # a chain: one slice
+        index = None if tree is None else tree.gather[row]
+        if index is None:  # a chain: one slice
             return keys[None, :, : past + row + 1], values[None, :, : past + row + 1]
-        index = torch.cat([torch.arange(past), torch.tensor(seen) + past]).to(keys.device)
         return keys.index_select(1, index)[None], values.index_select(1, index)[None]
 
 
 @dataclass(frozen=True)
 class TreeMask:
     """A tree of new positions: ``mask`` [n, past + n] (True: attends) and, per row,
-    the new rows it sees (its ancestors and itself, ascending)."""
+    the cache positions it attends to in sequence order (None: the first past + row + 1)."""
 
     mask: torch.Tensor
-    rows: list[list[int]]
+    gather: list[torch.Tensor | None]
 
 
 def tree_layout(parents: Sequence[int], n: int) -> tuple[list[int], list[list[int]]]:
