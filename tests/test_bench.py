@@ -378,3 +378,21 @@ def test_set_sizes_override_the_default_count() -> None:
     for bad in ("humaneval:0", "humaneval:x", "nope:3", " , "):
         with pytest.raises(InvalidArgumentError):
             parse_set_sizes(bad)
+
+
+def test_results_report_how_many_drafted_tokens_came_off_hints() -> None:
+    from verispec.bench.report import _hints_line
+
+    def record(config: str, drafted: int, free: int, hinted: int) -> RunRecord:
+        return RunRecord(
+            config=config, set_name="s", prompt_id="p", category="s", turn=1, seed=None,
+            prompt_tokens=5, token_ids=tuple(range(40)), time_total=1.0, pass_ends=(0.5, 1.0),
+            pass_tokens=(1, 39), drafted=drafted, free_drafted=free, hinted_drafted=hinted,
+        )  # fmt: skip
+
+    configs = parse_configs("draft-auto,hybrid-auto", ks=[4], lookup_k=8)
+    run = BenchRun([record("hybrid-auto", 50, 10, 30), record("draft-auto", 40, 0, 0)], configs, [])
+    line = _hints_line(run)
+    assert line is not None and "hybrid-auto 30 of its 40 model-drafted tokens" in line
+    assert "draft-auto " not in line
+    assert _hints_line(BenchRun([record("draft-auto", 40, 0, 0)], configs, [])) is None

@@ -64,6 +64,7 @@ class SequenceState:
     stats: GenerationStats = field(default_factory=GenerationStats)
     policy: AdaptiveDraftLength | None = None  # chooses k per pass when drafting is adaptive
     last_draft_free: bool = False  # the last pass's draft cost nothing (a prompt lookup)
+    last_draft_hinted: bool = False  # the last pass's draft read tokens off a hint pass
     proposer_chooses: bool = False  # the proposer asks the policy itself (k is only a cap)
     finish_reason: str | None = None
     started_at: float = field(default_factory=time.perf_counter)
@@ -211,6 +212,7 @@ def step(target: LanguageModel, seq: SequenceState, num_draft_tokens: int) -> St
     if seq.proposer is not None and k > 0:
         draft = seq.proposer.propose(seq.tokens, k, params=seq.params, generator=seq.generator)
     seq.last_draft_free = draft.free
+    seq.last_draft_hinted = draft.hinted > 0
     t1 = time.perf_counter()
     seq.stats.time_draft += t1 - t0
     # 2. Score the last token and the draft in one target pass (with siblings: a tree
@@ -276,6 +278,7 @@ def finish_step(
         accepted=verdict.num_accepted,
         emitted=len(new),
         free=draft.free,
+        hinted=draft.hinted,
         siblings=len(draft.siblings),
         sibling_kept=verdict.sibling is not None,
     )
@@ -384,8 +387,8 @@ def _next_pass(target: LanguageModel, seq: SequenceState, fixed_k: int) -> StepE
     event = step(target, seq, k)
     if seq.policy is not None:
         seq.policy.observe(event.num_drafted, event.num_accepted, free=seq.last_draft_free)
-        seq.policy.observe_time(
-            0 if seq.last_draft_free else event.num_drafted,
+        seq.policy.observe_time(  # a hinted draft's time is not a step's (Draft.hinted)
+            0 if seq.last_draft_free or seq.last_draft_hinted else event.num_drafted,
             seq.stats.time_draft - draft_before,
             seq.stats.time_verify - verify_before,
         )

@@ -21,6 +21,7 @@ class GenerationStats:
     # [j]: target passes that verified j drafted tokens (the prompt pass counts at j = 0)
     passes_by_draft_length: list[int] = field(default_factory=list)
     free_drafted: int = 0  # drafted tokens that cost (next to) nothing: prompt lookup
+    hinted_drafted: int = 0  # drafted tokens read off one pass over a lookup hint
     siblings: int = 0  # runner-up tokens verified beside the drafts (token trees)
     siblings_kept: int = 0  # of those, kept in place of a rejected draft token
     time_prefill: float = 0.0  # seconds in the prompt pass
@@ -36,6 +37,7 @@ class GenerationStats:
         accepted: int,
         emitted: int,
         free: bool = False,
+        hinted: int = 0,
         siblings: int = 0,
         sibling_kept: bool = False,
     ) -> None:
@@ -45,6 +47,7 @@ class GenerationStats:
         self.drafted += drafted
         if free:
             self.free_drafted += drafted
+        self.hinted_drafted += hinted
         while len(self.passes_by_draft_length) <= drafted:
             self.passes_by_draft_length.append(0)
         self.passes_by_draft_length[drafted] += 1
@@ -98,6 +101,7 @@ class GenerationStats:
             "acceptance_by_position": self.acceptance_by_position,
             "passes_by_draft_length": list(self.passes_by_draft_length),
             "free_drafted": self.free_drafted,
+            "hinted_drafted": self.hinted_drafted,
             "siblings": self.siblings,
             "siblings_kept": self.siblings_kept,
             "tokens_per_second": self.tokens_per_second,

@@ -320,6 +320,26 @@ def _siblings_line(run: BenchRun) -> str | None:
     )
 
 
+def _hints_line(run: BenchRun) -> str | None:
+    """How many model-drafted tokens came off one draft pass over a prompt-lookup hint."""
+    parts = []
+    for config in run.configs:
+        runs = [r for r in run.records if r.config == config.name and r.hinted_drafted]
+        if not runs:
+            continue
+        hinted = sum(r.hinted_drafted or 0 for r in runs)
+        model = sum((r.drafted or 0) - (r.free_drafted or 0) for r in runs)
+        parts.append(f"{config.name} {hinted} of its {model} model-drafted tokens")
+    if not parts:
+        return None
+    return (
+        "Hinted drafting (the draft model scores a prompt-lookup continuation in one pass "
+        "and keeps it as far as it agrees): "
+        + "; ".join(parts)
+        + ". The predicted speedups charge these tokens c_draft each, like drafted ones."
+    )
+
+
 def markdown(
     run: BenchRun, summary: dict[str, Any], setup: dict[str, Any], costs: dict[str, Any] | None
 ) -> str:
@@ -340,9 +360,9 @@ def markdown(
     ]
     if setup.get("prefix_cache"):
         lines += [_prefix_cache_line(run), ""]
-    siblings = _siblings_line(run)
-    if siblings is not None:
-        lines += [siblings, ""]
+    for extra in (_siblings_line(run), _hints_line(run)):
+        if extra is not None:
+            lines += [extra, ""]
     bad = [m for m in summary["mismatches"] if m["engine"] == "verispec"]
     if bad:
         lines += [

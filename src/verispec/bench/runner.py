@@ -123,6 +123,7 @@ class RunRecord:
     accepted_by_position: tuple[int, ...] = ()
     passes_by_draft_length: tuple[int, ...] = ()  # [j]: target passes that verified j drafts
     free_drafted: int | None = None  # drafted tokens that cost nothing (prompt lookup)
+    hinted_drafted: int | None = None  # read off one draft pass over a lookup hint
     siblings: int | None = None  # runner-up tokens verified beside the drafts (token trees)
     siblings_kept: int | None = None  # of those, kept in place of a rejected draft token
     time_prefill: float | None = None
@@ -334,6 +335,7 @@ class Runner:
             accepted_by_position=tuple(stats.accepted_by_position),
             passes_by_draft_length=tuple(stats.passes_by_draft_length),
             free_drafted=stats.free_drafted,
+            hinted_drafted=stats.hinted_drafted,
             siblings=stats.siblings,
             siblings_kept=stats.siblings_kept,
             time_prefill=stats.time_prefill,
