@@ -105,6 +105,32 @@ def test_hybrid_speculation_is_distribution_exact() -> None:
     assert tv < threshold, f"TV {tv:.4f} >= threshold {threshold:.4f}"
 
 
+def test_hinted_drafts_are_distribution_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The draft model drafts every pass with the prompt lookup's continuation as a hint,
+    always fed (sampled hint tokens kept as often as the draft's probability allows,
+    ``sample_preferring``). Four tokens (625 sequences), the same threshold rule."""
+    from verispec import drafters as drafters_module
+
+    monkeypatch.setattr(drafters_module, "HINT_MIN_AGREEMENT", 0.0)
+    monkeypatch.setattr(drafters_module, "HINT_MIN_TOKENS", 1)
+    monkeypatch.setattr(drafters_module._HybridProposer, "_winning_lookup", lambda *a, **k: None)
+    kept: list[bool] = []
+    real = drafters_module.sample_preferring
+
+    def counted(probs, guess, generator):
+        token = real(probs, guess, generator)
+        kept.append(token == guess)
+        return token
+
+    monkeypatch.setattr(drafters_module, "sample_preferring", counted)
+    target, draft = TableModel(VOCAB, seed=10), TableModel(VOCAB, seed=11)
+    drafter = HybridDrafter(DraftModelDrafter(draft, target=target), max_ngram=2, min_ngram=1)
+    tv, threshold = _empirical_tv(target, drafter, PARAMS[0], 3, length=4)
+    assert tv < threshold, f"TV {tv:.4f} >= threshold {threshold:.4f}"
+    # Hint tokens were both kept and replaced often (the rule was really exercised).
+    assert min(kept.count(True), kept.count(False)) > 1000, (kept.count(True), len(kept))
+
+
 def test_drafts_stopped_by_confidence_are_distribution_exact(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -73,6 +73,21 @@ HINT_PRIOR = 0.5  # before any observation: not trusted until a hint has agreed
 HINT_DECAY = 0.8  # weight of the past per observed hint token
 
 
+def sample_preferring(probs: torch.Tensor, guess: int, generator: torch.Generator) -> int:
+    """One sample from ``probs`` (normalised, [vocab]) that is ``guess`` as often as
+    possible: ``guess`` when a uniform draw falls below ``probs[guess]``, else a sample from
+    ``probs`` without it, renormalised. P(guess) = probs[guess] and, for any other token y,
+    (1 - probs[guess]) * probs[y] / (1 - probs[guess]) = probs[y]: exactly ``probs``."""
+    p_guess = float(probs[guess])
+    if float(torch.rand(1, generator=generator, dtype=torch.float64)) < p_guess:
+        return guess
+    rest = probs.clone()
+    rest[guess] = 0.0
+    if float(rest.sum()) <= 0.0:  # rounding: all the mass was on the guess
+        return guess
+    return sample(rest, generator)
+
+
 def include_ids(model: LanguageModel, ids: list[int]) -> None:
     """Tell a draft with a trimmed vocabulary the context's token ids (see ``TrimmedHead``)."""
     include = getattr(model, "include_ids", None)  # optional: only HFModel has it
@@ -171,15 +186,18 @@ class _DraftModelProposer:
     ) -> Draft:
         """Draft up to ``k`` tokens after ``context``.
 
-        ``hint`` (greedy decoding only) is a guess at the draft model's next tokens, e.g. a
-        prompt lookup's continuation. While this sequence's hints have mostly agreed with
+        ``hint`` is a guess at the draft model's next tokens, e.g. a prompt lookup's
+        continuation. While this sequence's hints have mostly agreed with
         what the model drafted (``hint_agreement``), the hint is fed along with the catch-up
         tokens in one pass: the model's token after each hint token is read off that pass
         for as long as the hint agrees with it, and drafting goes on step by step from the
         first disagreement. A pass over many rows costs a few steps (the 0.5B int4 draft
         here: 17 rows about 90 ms, one step 20-25 ms), so a copied stretch of 16 tokens is
         drafted for about a quarter of what 16 steps cost. The drafted tokens are the
-        model's own either way (up to float rounding between the two kinds of pass).
+        model's own either way (up to float rounding between the two kinds of pass): under
+        greedy decoding its argmax; under sampling a hint token is kept as often as the
+        model's probability of it (:func:`sample_preferring`), so each drafted token is
+        still a sample from the distribution reported in ``Draft.probs``.
         """
         if k <= 0:
             return Draft(tokens=[])
@@ -190,8 +208,8 @@ class _DraftModelProposer:
         del self.cached[keep:]
         # 2. Catch up (usually one token, two after a fully accepted draft), and with a
         #    trusted hint, feed its tokens too: row i + 1 then follows hint[:i + 1].
-        greedy_hint = list(hint[: k - 1]) if params.greedy else []
-        fed_hint = greedy_hint if self.hint_agreement >= HINT_MIN_AGREEMENT else []
+        hint = list(hint[: k - 1])
+        fed_hint = hint if self.hint_agreement >= HINT_MIN_AGREEMENT else []
         if len(fed_hint) < HINT_MIN_TOKENS:
             fed_hint = []
         new = [*context[keep:], *fed_hint]
@@ -222,7 +240,10 @@ class _DraftModelProposer:
                     confidences.append(float(torch.exp(row[token] - torch.logsumexp(row, -1))))
             else:
                 p_draft = warp(row[None], params)[0]  # [vocab]
-                token = sample(p_draft, generator)
+                if on_hint and i < len(fed_hint):
+                    token = sample_preferring(p_draft, fed_hint[i], generator)
+                else:
+                    token = sample(p_draft, generator)
                 probs.append(p_draft)
                 confidences.append(float(p_draft[token]))
             tokens.append(token)
@@ -243,8 +264,8 @@ class _DraftModelProposer:
         if on_hint:  # keep the cache one token behind the draft, as after step-by-step drafting
             self.cache.crop(base + len(tokens) - 1)
             del self.cached[base + len(tokens) - 1 :]
-        if greedy_hint:
-            self._observe_hint(greedy_hint, tokens)
+        if hint:
+            self._observe_hint(hint, tokens)
         chosen: tuple[tuple[int, int], ...] = ()
         if siblings and self.policy is not None:
             room = self.sibling_room(len(context), len(tokens))
@@ -441,6 +462,6 @@ class _HybridProposer:
         if draft is not None:
             return draft
         hint: list[int] = []
-        if params.greedy and k_model > 1:
+        if k_model > 1:
             hint = self.lookup.propose(context, k_model, params=params, generator=generator).tokens
         return self.model.propose(context, k_model, params=params, generator=generator, hint=hint)
