@@ -45,7 +45,11 @@ def _float(text: str) -> float:
 
 
 def add_pair_options(
-    parser: argparse.ArgumentParser, *, drafters: list[str], drafter_help: str
+    parser: argparse.ArgumentParser,
+    *,
+    drafters: list[str],
+    drafter_help: str,
+    default_drafter: str = "model",
 ) -> None:
     """--target, --draft and --drafter, shared by the commands that generate."""
     from verispec import presets
@@ -56,7 +60,7 @@ def add_pair_options(
     parser.add_argument(
         "--draft", default=presets.DEFAULT_DRAFT, help="draft model for --drafter model or hybrid"
     )
-    parser.add_argument("--drafter", choices=drafters, default="model", help=drafter_help)
+    parser.add_argument("--drafter", choices=drafters, default=default_drafter, help=drafter_help)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -123,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         drafters=["model", "prompt-lookup", "hybrid", "none"],
         drafter_help="where draft tokens come from: a draft model, prompt lookup, hybrid (per "
         "pass, prompt lookup or the draft model, whichever its acceptance rates predict to be "
-        "faster) or none (plain decoding through the same loop)",
+        "faster; the draft model then scores the lookup's continuation as a hint in one pass "
+        "and keeps it as far as it agrees; the default) or none (plain decoding through the "
+        "same loop)",
+        default_drafter="hybrid",
     )
     gen.add_argument(
         "--num-draft-tokens",
