@@ -8,7 +8,14 @@ print(result.text, result.stats.acceptance_rate)
 """
 
 from verispec.costs import CostModel, costs_for
-from verispec.drafters import Draft, Drafter, DraftModelDrafter, PromptLookupDrafter, Proposer
+from verispec.drafters import (
+    Draft,
+    Drafter,
+    DraftModelDrafter,
+    HybridDrafter,
+    PromptLookupDrafter,
+    Proposer,
+)
 from verispec.engine import SequenceState, StepEvent, speculate
 from verispec.errors import (
     IncompatibleTokenizersError,
@@ -43,6 +50,7 @@ __all__ = [
     "GenerationResult",
     "GenerationStats",
     "HFModel",
+    "HybridDrafter",
     "IncompatibleTokenizersError",
     "InvalidArgumentError",
     "LanguageModel",
