@@ -42,7 +42,7 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -295,19 +295,25 @@ def _prefix_cache_line(run: BenchRun) -> str:
     )
 
 
+def _runs_per_config(run: BenchRun, field: str) -> Iterator[tuple[str, list[RunRecord]]]:
+    """(configuration name, its records) for each configuration with a record whose
+    ``field`` is non-zero, only those records."""
+    for config in run.configs:
+        runs = [r for r in run.records if r.config == config.name and getattr(r, field)]
+        if runs:
+            yield config.name, runs
+
+
 def _siblings_line(run: BenchRun) -> str | None:
     """How often the configurations' token-tree siblings were verified and kept."""
     parts = []
-    for config in run.configs:
-        runs = [r for r in run.records if r.config == config.name and r.siblings]
-        if not runs:
-            continue
+    for name, runs in _runs_per_config(run, "siblings"):
         verified = sum(r.siblings or 0 for r in runs)
         kept = sum(r.siblings_kept or 0 for r in runs)
         passes = sum(sum(r.passes_by_draft_length[1:]) for r in runs)
         tokens = sum(r.new_tokens for r in runs)
         parts.append(
-            f"{config.name} verified {verified} siblings beside its drafts "
+            f"{name} verified {verified} siblings beside its drafts "
             f"({verified / max(passes, 1):.2f} per drafting pass) and kept {kept} "
             f"({kept / max(verified, 1):.0%} of them; {kept / max(tokens, 1):.1%} of its tokens)"
         )
@@ -323,13 +329,10 @@ def _siblings_line(run: BenchRun) -> str | None:
 def _hints_line(run: BenchRun) -> str | None:
     """How many model-drafted tokens came off one draft pass over a prompt-lookup hint."""
     parts = []
-    for config in run.configs:
-        runs = [r for r in run.records if r.config == config.name and r.hinted_drafted]
-        if not runs:
-            continue
+    for name, runs in _runs_per_config(run, "hinted_drafted"):
         hinted = sum(r.hinted_drafted or 0 for r in runs)
         model = sum((r.drafted or 0) - (r.free_drafted or 0) for r in runs)
-        parts.append(f"{config.name} {hinted} of its {model} model-drafted tokens")
+        parts.append(f"{name} {hinted} of its {model} model-drafted tokens")
     if not parts:
         return None
     return (
