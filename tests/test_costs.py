@@ -193,3 +193,15 @@ def test_hybrid_auto_prefers_a_free_lookup_that_works() -> None:
     # the first match on, the free lookup wins every pass.
     first = chosen.index("free")
     assert chosen[first:] == ["free"] * (len(chosen) - first) and len(chosen) - first >= 5
+
+
+def test_draft_length_is_calibrated_beyond_16_unless_rows_must_be_exact() -> None:
+    from types import SimpleNamespace
+
+    from verispec.costs import MAX_CALIBRATED_K, calibrated_length
+
+    assert MAX_CALIBRATED_K == 32
+    assert calibrated_length(tiny_llama(seed=0)) == 32
+    # An int8 target attends query by query (bit-exact rows) for passes up to 17 positions.
+    exact = SimpleNamespace(lean=SimpleNamespace(exact_rows=True))
+    assert calibrated_length(exact) == 16  # type: ignore[arg-type]

@@ -25,7 +25,17 @@ from verispec.models import LanguageModel
 
 # Part of the cache key of measured costs: bump it when kernels or the forward
 # pass change in a way that the model names and kernel descriptions do not show.
-COSTS_VERSION = "4"  # 3: interleaved timing; fused int8 projections; 4: medians of 5 rounds
+COSTS_VERSION = "5"  # 3: interleaved timing; fused int8 projections; 4: medians of 5 rounds;
+# 5: k up to MAX_CALIBRATED_K
+
+# The longest draft the cost model measures (and so the adaptive policy allows). On this
+# project's 2-core CPU a pass of the fp32 1.5B target over 1 / 17 / 25 / 33 positions
+# after 300 cached ones took 210 / 399 / 528 / 626 ms (2026-11-30): past ~8 positions
+# each one costs about 1/16 of a step, so a long copied stretch (a code answer restating
+# its prompt) verified 33 at a time yields 9.6 tokens per step of cost against 7.8 at 17.
+# Targets whose rows must match one-position passes bit for bit (an int8 target's) stop
+# where their per-query attention does (verispec.lean.EXACT_ROWS_MAX).
+MAX_CALIBRATED_K = 32
 
 
 @dataclass(frozen=True)
@@ -396,4 +406,17 @@ def costs_for(
         str(getattr(target, "device", "cpu")),
     ]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-    return cached_costs(key, cache_dir or default_cache_dir(), target, draft)
+    return cached_costs(
+        key, cache_dir or default_cache_dir(), target, draft, max_k=calibrated_length(target)
+    )
+
+
+def calibrated_length(target: LanguageModel) -> int:
+    """The longest draft :func:`costs_for` measures for ``target``: :data:`MAX_CALIBRATED_K`,
+    or less where longer passes would not score each position exactly as alone."""
+    from verispec.lean import EXACT_ROWS_MAX
+
+    lean = getattr(target, "lean", None)
+    if lean is not None and getattr(lean, "exact_rows", False):
+        return min(MAX_CALIBRATED_K, EXACT_ROWS_MAX - 1)
+    return MAX_CALIBRATED_K
