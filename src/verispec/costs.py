@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from verispec.lean import EXACT_ROWS_MAX
 from verispec.models import LanguageModel
 
 # Part of the cache key of measured costs: bump it when kernels or the forward
@@ -414,8 +415,6 @@ def costs_for(
 def calibrated_length(target: LanguageModel) -> int:
     """The longest draft :func:`costs_for` measures for ``target``: :data:`MAX_CALIBRATED_K`,
     or less where longer passes would not score each position exactly as alone."""
-    from verispec.lean import EXACT_ROWS_MAX
-
     lean = getattr(target, "lean", None)
     if lean is not None and getattr(lean, "exact_rows", False):
         return min(MAX_CALIBRATED_K, EXACT_ROWS_MAX - 1)
