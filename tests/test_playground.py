@@ -239,6 +239,14 @@ def _wait_status(page, words: str, timeout: float = 30_000) -> str:
     return page.text_content("#run-status") or ""
 
 
+def _hover_first_draft(page) -> None:
+    """Hover the first draft token that shows something: sampled text can start with a token
+    that renders empty (part of a UTF-8 character) or as a bare line break, which has no box
+    to hover, and Playwright would wait for it until its timeout."""
+    shown = page.locator("#output .origin-draft").filter(visible=True, has_text=re.compile(r"\S"))
+    shown.first.hover()
+
+
 def test_generate_marks_every_token_and_shows_figures(browser, server, target, tmp_path) -> None:
     with _open(browser, server.url) as page:
         pair = page.text_content("#pair") or ""
@@ -262,7 +270,7 @@ def test_generate_marks_every_token_and_shows_figures(browser, server, target, t
         assert page.locator("#chart rect").count() >= 1
         assert "position 1" in (page.text_content("#chart-summary") or "")
         # Hover explains a token; so does keyboard focus.
-        page.locator("#output .origin-draft").first.hover()
+        _hover_first_draft(page)
         tip = page.locator("#tooltip")
         assert tip.is_visible() and "Draft token, position" in (tip.text_content() or "")
         tokens.first.focus()
@@ -279,7 +287,7 @@ def test_sampled_drafts_show_their_probabilities(browser, server) -> None:
         page.get_by_label("Temperature", exact=True).fill("1")
         page.get_by_role("button", name="Generate").click()
         _wait_status(page, "Done")
-        page.locator("#output .origin-draft").first.hover()
+        _hover_first_draft(page)
         text = page.text_content("#tooltip") or ""
         assert "p_target" in text and "p_draft" in text and "kept with probability" in text
 
