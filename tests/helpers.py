@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from verispec.models import HFModel
+from verispec.models import HFModel, forward_each
 
 
 @dataclass
@@ -39,6 +39,7 @@ class TableModel:
         self.max_context = 512
         self.eos_token_ids = eos
         self.tokenizer: Any = None
+        self.supports_tree = False
         self.forward_calls = 0
 
     def new_cache(self) -> TableCache:
@@ -58,6 +59,17 @@ class TableModel:
             rows.append(self.logits_after(cache.tokens))
         out = torch.stack(rows)
         return out[-num_logits:] if num_logits else out
+
+    def forward_batch(
+        self,
+        caches: Any,
+        tokens: Any,
+        *,
+        num_logits: Any = None,
+        parents: Any = None,
+    ) -> list[torch.Tensor]:
+        assert parents is None or all(p is None for p in parents)
+        return forward_each(self, caches, tokens, num_logits=num_logits)
 
 
 def byte_tokenizer() -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from helpers import byte_tokenizer, tiny_llama
 
-from verispec.drafters import Draft
+from verispec.drafters import Draft, DraftRequest, StatelessDrafter, drafter_menu
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -39,7 +39,7 @@ def noisy_copy(model: Any, *, noise: float = 0.01, seed: int = 5) -> Any:
     return draft
 
 
-class GateDrafter:
+class GateDrafter(StatelessDrafter):
     """Drafts nothing; while its gate is closed it holds the worker inside a pass, so that
     a test can fill the queue deterministically."""
 
@@ -49,12 +49,27 @@ class GateDrafter:
         self.gate = threading.Event()
         self.gate.set()
 
-    def start(self) -> GateDrafter:
-        return self
-
-    def propose(self, context, k, *, params, generator) -> Draft:
+    def propose(self, request: DraftRequest) -> Draft:
         self.gate.wait(30)
         return Draft(tokens=[])
+
+
+def gated_scheduler(target: Any, *, max_batch: int, max_queue: int) -> tuple[Any, GateDrafter]:
+    """A scheduler whose default drafter is a :class:`GateDrafter` (k = 1); a request may
+    also pick plain decoding or prompt lookup (there is no draft model)."""
+    from verispec.server.scheduler import Scheduler
+
+    drafter = GateDrafter()
+    drafters = {**drafter_menu(target, None), "gate": drafter}
+    scheduler = Scheduler(
+        target,
+        drafters,
+        default="gate",
+        max_batch=max_batch,
+        max_queue=max_queue,
+        num_draft_tokens=1,
+    )
+    return scheduler, drafter
 
 
 @dataclass
@@ -109,14 +124,19 @@ def tiny_target() -> Any:
 
 @contextmanager
 def tiny_server(target: Any, *, prefix_cache: int = 0) -> Iterator[RunningServer]:
-    """A running server on ``target`` with a noisy-copy draft model (k = 3, 16 default tokens)."""
-    from verispec.drafters import DraftModelDrafter
+    """A running server on ``target`` with a noisy-copy draft model (every drafter of
+    :func:`~verispec.drafters.drafter_menu`, "model" by default; k = 3, 16 default tokens)."""
     from verispec.server.app import create_app
     from verispec.server.scheduler import Scheduler
 
-    drafter = DraftModelDrafter(noisy_copy(target), target=target)
     scheduler = Scheduler(
-        target, drafter, max_batch=8, max_queue=64, num_draft_tokens=3, prefix_cache=prefix_cache
+        target,
+        drafter_menu(target, noisy_copy(target)),
+        default="model",
+        max_batch=8,
+        max_queue=64,
+        num_draft_tokens=3,
+        prefix_cache=prefix_cache,
     )
     app = create_app(scheduler, model_name="tiny", max_tokens=16, max_tokens_limit=64)
     with serve(app, scheduler) as running:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import tiny_llama
-from server_support import chat_tokenizer, noisy_copy, serve, wait_until
+from server_support import noisy_copy, serve, wait_until
 
-from verispec import DraftModelDrafter, generate
-from verispec.drafters import Draft
+from verispec import generate
+from verispec.drafters import Draft, DraftRequest, StatelessDrafter, drafter_menu
 from verispec.server.app import create_app
 from verispec.server.scheduler import Scheduler
 
@@ -36,13 +35,10 @@ PROMPT = "The quick brown fox"
 STATIC = Path(__file__).parents[1] / "src" / "verispec" / "server" / "static"
 
 
-@pytest.fixture(scope="module")
-def target():
-    return tiny_llama(seed=0, tokenizer=chat_tokenizer())
-
-
-def _app(target, drafter, *, max_tokens=24, max_tokens_limit=64):
-    scheduler = Scheduler(target, drafter, max_batch=4, max_queue=8, num_draft_tokens=3)
+def _app(target, drafters, *, default, max_tokens=24, max_tokens_limit=64):
+    scheduler = Scheduler(
+        target, drafters, default=default, max_batch=4, max_queue=8, num_draft_tokens=3
+    )
     app = create_app(
         scheduler, model_name="tiny", max_tokens=max_tokens, max_tokens_limit=max_tokens_limit
     )
@@ -50,28 +46,30 @@ def _app(target, drafter, *, max_tokens=24, max_tokens_limit=64):
 
 
 @pytest.fixture(scope="module")
-def server(target):
-    app, scheduler = _app(target, DraftModelDrafter(noisy_copy(target), target=target))
+def server(chat_target):
+    app, scheduler = _app(
+        chat_target, drafter_menu(chat_target, noisy_copy(chat_target)), default="model"
+    )
     with serve(app, scheduler) as running:
         yield running
 
 
-class SlowDrafter:
+class SlowDrafter(StatelessDrafter):
     """Drafts nothing, slowly: a generation long enough to stop in the middle."""
 
     name = "slow"
 
-    def start(self) -> SlowDrafter:
-        return self
-
-    def propose(self, context, k, *, params, generator) -> Draft:
+    def propose(self, request: DraftRequest) -> Draft:
         time.sleep(0.05)
         return Draft(tokens=[])
 
 
 @pytest.fixture(scope="module")
-def slow_server(target):
-    app, scheduler = _app(target, SlowDrafter(), max_tokens=200, max_tokens_limit=200)
+def slow_server(chat_target):
+    drafters = {**drafter_menu(chat_target, None), "slow": SlowDrafter()}
+    app, scheduler = _app(
+        chat_target, drafters, default="slow", max_tokens=200, max_tokens_limit=200
+    )
     with serve(app, scheduler) as running:
         yield running
 
@@ -128,10 +126,10 @@ def test_provenance_covers_the_text_and_matches_the_statistics(server, temperatu
         assert all(0 <= t["p_target"] <= 1 and 0 < t["p_draft"] <= 1 for t in sampled)
 
 
-def test_a_request_picks_its_drafter_and_draft_length(server, target) -> None:
+def test_a_request_picks_its_drafter_and_draft_length(server, chat_target) -> None:
     url = server.base_url + "/completions"
     body = {"prompt": PROMPT, "max_tokens": 20, "temperature": 0}
-    alone = generate(target, None, PROMPT, max_new_tokens=20, chat=False).text
+    alone = generate(chat_target, None, PROMPT, max_new_tokens=20, chat=False).text
     plain = _stream(url, {**body, "verispec": {"drafter": "none", "provenance": True}})
     assert "".join(c["choices"][0]["text"] for c in plain) == alone
     assert {p["origin"] for c in plain for p in c["verispec"]["pieces"]} == {"target"}
@@ -247,7 +245,9 @@ def _hover_first_draft(page) -> None:
     shown.first.hover()
 
 
-def test_generate_marks_every_token_and_shows_figures(browser, server, target, tmp_path) -> None:
+def test_generate_marks_every_token_and_shows_figures(
+    browser, server, chat_target, tmp_path
+) -> None:
     with _open(browser, server.url) as page:
         pair = page.text_content("#pair") or ""
         assert "tiny-llama-0" in pair and "tiny-draft" in pair
@@ -256,7 +256,9 @@ def test_generate_marks_every_token_and_shows_figures(browser, server, target, t
         page.get_by_label("Temperature", exact=True).fill("0")
         page.get_by_label("Prompt", exact=True).press("Enter")
         assert "Done: 30 tokens" in _wait_status(page, "Done")
-        alone = generate(target, None, [{"role": "user", "content": PROMPT}], max_new_tokens=30)
+        alone = generate(
+            chat_target, None, [{"role": "user", "content": PROMPT}], max_new_tokens=30
+        )
         assert page.text_content("#output") == alone.text
         tokens = page.locator("#output .tok")
         assert tokens.count() > 10
@@ -387,13 +389,17 @@ def _serve_on(app, port: int) -> Iterator[None]:
         thread.join(30)
 
 
-def test_a_server_that_goes_away_is_explained_and_found_again(browser, target) -> None:
+def test_a_server_that_goes_away_is_explained_and_found_again(browser, chat_target) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+
+    def plain_app():  # a server without speculation (a fresh one each time)
+        return _app(chat_target, drafter_menu(chat_target, None), default="none")[0]
+
     context = browser.new_context()
     page = context.new_page()
     try:
-        with _serve_on(_app(target, None)[0], port):
+        with _serve_on(plain_app(), port):
             page.goto(url + "/")
             page.wait_for_selector("body[data-ready=true]")
         page.get_by_label("Prompt", exact=True).fill(PROMPT)
@@ -402,7 +408,7 @@ def test_a_server_that_goes_away_is_explained_and_found_again(browser, target) -
         alert.wait_for()
         assert "cannot be reached" in (alert.text_content() or "")
         assert page.get_by_role("button", name="Generate").is_enabled()
-        with _serve_on(_app(target, None)[0], port):
+        with _serve_on(plain_app(), port):
             page.wait_for_function(
                 "document.getElementById('server-status').textContent.includes('back')",
                 timeout=15_000,

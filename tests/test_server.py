@@ -10,44 +10,24 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from server_support import (
-    GateDrafter,
-    noisy_copy,
-    serve,
-    tiny_server,
-    tiny_target,
-    wait_until,
-)
+from server_support import gated_scheduler, noisy_copy, serve, tiny_server, wait_until
 
 from verispec import generate
 from verispec.server.app import create_app
-from verispec.server.scheduler import Scheduler
 
 PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
 
 
 @pytest.fixture(scope="module")
-def target():
-    return tiny_target()
+def client(chat_server):
+    return openai.OpenAI(base_url=chat_server.base_url, api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")
-def server(target):
-    with tiny_server(target) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def guarded(target):
+def guarded(chat_target):
     """One sequence at a time, one waiting, an API key."""
-    drafter = GateDrafter()
-    scheduler = Scheduler(target, drafter, max_batch=1, max_queue=1, num_draft_tokens=1)
+    scheduler, drafter = gated_scheduler(chat_target, max_batch=1, max_queue=1)
     app = create_app(scheduler, model_name="tiny", api_key="sesame", max_tokens_limit=200)
     with serve(app, scheduler) as running:
         running.gate = drafter.gate
@@ -58,15 +38,15 @@ def _sse_events(response: httpx.Response) -> list[str]:
     return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
 
 
-def test_models_and_health(server, client) -> None:
+def test_models_and_health(chat_server, client) -> None:
     assert [m.id for m in client.models.list()] == ["tiny"]
-    health = httpx.get(server.url + "/health").json()
+    health = httpx.get(chat_server.url + "/health").json()
     assert health["status"] == "ok" and health["running"] >= 0
 
 
-def test_completion_equals_the_library_and_reports_usage(server, client, target) -> None:
+def test_completion_equals_the_library_and_reports_usage(chat_server, client, chat_target) -> None:
     response = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0)
-    alone = generate(target, None, PROMPT, max_new_tokens=20, chat=False)
+    alone = generate(chat_target, None, PROMPT, max_new_tokens=20, chat=False)
     choice = response.choices[0]
     assert choice.text == alone.text
     assert choice.finish_reason == "length"
@@ -78,7 +58,7 @@ def test_completion_equals_the_library_and_reports_usage(server, client, target)
     assert spec["mean_accepted_length"] >= 1.0 and spec["target_passes"] >= 1
 
 
-def test_streamed_completion_matches_and_ends_with_done(server, client) -> None:
+def test_streamed_completion_matches_and_ends_with_done(chat_server, client) -> None:
     whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0)
     chunks = list(
         client.completions.create(
@@ -88,7 +68,7 @@ def test_streamed_completion_matches_and_ends_with_done(server, client) -> None:
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
     body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
-    with httpx.stream("POST", server.base_url + "/completions", json=body) as response:
+    with httpx.stream("POST", chat_server.base_url + "/completions", json=body) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = _sse_events(response)
     assert events[-1] == "[DONE]"
@@ -97,11 +77,11 @@ def test_streamed_completion_matches_and_ends_with_done(server, client) -> None:
     assert "speculation" in last
 
 
-def test_chat_streaming_and_not(server, client, target) -> None:
+def test_chat_streaming_and_not(chat_server, client, chat_target) -> None:
     whole = client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=12, temperature=0
     )
-    alone = generate(target, None, MESSAGES, max_new_tokens=12)
+    alone = generate(chat_target, None, MESSAGES, max_new_tokens=12)
     assert whole.choices[0].message.role == "assistant"
     assert whole.choices[0].message.content == alone.text
     assert whole.usage.prompt_tokens == len(alone.prompt_ids)
@@ -119,10 +99,10 @@ def test_chat_streaming_and_not(server, client, target) -> None:
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices == []
 
 
-def test_a_chats_next_turn_reuses_the_cached_conversation(target) -> None:
+def test_a_chats_next_turn_reuses_the_cached_conversation(chat_target) -> None:
     """With --prefix-cache, the second turn's prompt pass skips what the first turn's caches
     hold (reported as usage.prompt_tokens_details.cached_tokens) and decodes the same."""
-    with tiny_server(target, prefix_cache=2) as running:
+    with tiny_server(chat_target, prefix_cache=2) as running:
         chat = openai.OpenAI(base_url=running.base_url, api_key="x", max_retries=0)
         first = chat.chat.completions.create(
             model="tiny", messages=MESSAGES, max_tokens=12, temperature=0
@@ -139,15 +119,13 @@ def test_a_chats_next_turn_reuses_the_cached_conversation(target) -> None:
         assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
         assert (
             second.choices[0].message.content
-            == generate(target, None, turn2, max_new_tokens=12).text
+            == generate(chat_target, None, turn2, max_new_tokens=12).text
         )
-        pools = [running.scheduler.target, running.scheduler.drafter.model]
-        assert all(p.pool.in_use == 0 for p in pools)  # kept prefixes hold no KV slot
         assert len(running.scheduler.prefix) == 1  # turn 2 took turn 1's entry, left its own
 
 
-def test_stop_strings(server, client, target) -> None:
-    alone = generate(target, None, PROMPT, max_new_tokens=30, chat=False).text
+def test_stop_strings(chat_server, client, chat_target) -> None:
+    alone = generate(chat_target, None, PROMPT, max_new_tokens=30, chat=False).text
     start = next(i for i in range(4, 25) if alone[i : i + 2].isascii())
     stop = alone[start : start + 2]
     for stream in (False, True):
@@ -204,8 +182,8 @@ def test_seeded_sampling_is_reproducible(client) -> None:
         ({"max_tokens": 4}, "prompt"),
     ],
 )
-def test_bad_completion_requests_are_400_in_openai_shape(server, body, param) -> None:
-    response = httpx.post(server.base_url + "/completions", json=body)
+def test_bad_completion_requests_are_400_in_openai_shape(chat_server, body, param) -> None:
+    response = httpx.post(chat_server.base_url + "/completions", json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -213,30 +191,30 @@ def test_bad_completion_requests_are_400_in_openai_shape(server, body, param) ->
     assert (error["param"] or "").startswith(param), error
 
 
-def test_limits_are_named(server) -> None:
+def test_limits_are_named(chat_server) -> None:
     too_many = httpx.post(
-        server.base_url + "/completions", json={"prompt": PROMPT, "max_tokens": 999}
+        chat_server.base_url + "/completions", json={"prompt": PROMPT, "max_tokens": 999}
     )
     assert "64" in too_many.json()["error"]["message"]  # the server limit
-    too_long = httpx.post(server.base_url + "/completions", json={"prompt": "x" * 300}).json()
+    too_long = httpx.post(chat_server.base_url + "/completions", json={"prompt": "x" * 300}).json()
     assert too_long["error"]["code"] == "context_length_exceeded"
     assert "256" in too_long["error"]["message"]  # the context window
 
 
-def test_malformed_and_misrouted_requests(server, client) -> None:
-    url = server.base_url + "/chat/completions"
+def test_malformed_and_misrouted_requests(chat_server, client) -> None:
+    url = chat_server.base_url + "/chat/completions"
     headers = {"content-type": "application/json"}
     for raw in (b"{not json", b"", b"[]", b"null", b'{"messages": []}', b'{"messages": [{}]}'):
         response = httpx.post(url, content=raw, headers=headers)
         assert response.status_code == 400, (raw, response.text)
         assert "error" in response.json()
     assert httpx.get(url).status_code == 405
-    assert httpx.get(server.url + "/nowhere").json()["error"]["message"]
+    assert httpx.get(chat_server.url + "/nowhere").json()["error"]["message"]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
             model="tiny", messages=[{"role": "wizard", "content": "hi"}], max_tokens=4
         )
-    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # nothing crashed
+    assert httpx.get(chat_server.url + "/health").json()["status"] == "ok"  # nothing crashed
 
 
 def test_api_key(guarded) -> None:
@@ -284,9 +262,9 @@ def test_full_queue_is_429_with_retry_after(guarded) -> None:
     assert wait_until(lambda: scheduler.num_running == 0 and scheduler.num_waiting == 0)
 
 
-def test_metrics_and_openapi(server, client) -> None:
+def test_metrics_and_openapi(chat_server, client) -> None:
     client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(chat_server.url + "/metrics").text
     for name in (
         "verispec_requests_total",
         "verispec_generation_tokens_total",
@@ -299,7 +277,7 @@ def test_metrics_and_openapi(server, client) -> None:
         "verispec_time_to_first_token_seconds_bucket",
     ):
         assert name in text, name
-    spec = httpx.get(server.url + "/openapi.json").json()
+    spec = httpx.get(chat_server.url + "/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(
         spec["paths"]
     )
@@ -318,7 +296,7 @@ def _counter(url: str, name: str) -> float:
 HYBRID_PROMPTS = [PROMPT, "abc abc abc abc ab", "x = [1, 2]; y = [1, 2]; z = [1,", "Hello"]
 
 
-def test_hybrid_requests_equal_plain_decoding(server, client, target) -> None:
+def test_hybrid_requests_equal_plain_decoding(chat_server, client, chat_target) -> None:
     """A request picks the hybrid drafter (the server has a draft model): greedy output
     equals plain decoding alone and side by side, and its drafts are counted."""
 
@@ -331,19 +309,25 @@ def test_hybrid_requests_equal_plain_decoding(server, client, target) -> None:
             extra_body={"verispec": {"drafter": "hybrid"}},
         )
 
-    drafted_before = _counter(server.url, "verispec_drafted_tokens_total")
-    free_before = _counter(server.url, "verispec_free_drafted_tokens_total")
+    drafted_before = _counter(chat_server.url, "verispec_drafted_tokens_total")
+    free_before = _counter(chat_server.url, "verispec_free_drafted_tokens_total")
     one = ask(PROMPT)
-    assert one.choices[0].text == generate(target, None, PROMPT, max_new_tokens=20, chat=False).text
+    assert (
+        one.choices[0].text
+        == generate(chat_target, None, PROMPT, max_new_tokens=20, chat=False).text
+    )
     spec = one.model_extra["speculation"]
     assert spec["drafted"] > 0 and 0 <= spec["free_drafted"] <= spec["drafted"]
-    assert _counter(server.url, "verispec_drafted_tokens_total") - drafted_before == spec["drafted"]
-    free = _counter(server.url, "verispec_free_drafted_tokens_total") - free_before
+    assert (
+        _counter(chat_server.url, "verispec_drafted_tokens_total") - drafted_before
+        == spec["drafted"]
+    )
+    free = _counter(chat_server.url, "verispec_free_drafted_tokens_total") - free_before
     assert free == spec["free_drafted"]
     with ThreadPoolExecutor(len(HYBRID_PROMPTS)) as pool:  # batched side by side
         together = list(pool.map(ask, HYBRID_PROMPTS))
     for prompt, response in zip(HYBRID_PROMPTS, together, strict=True):
-        alone = generate(target, None, prompt, max_new_tokens=20, chat=False)
+        alone = generate(chat_target, None, prompt, max_new_tokens=20, chat=False)
         assert response.choices[0].text == alone.text
     specs = [r.model_extra["speculation"] for r in together]
     # Both sources drafted: prompt lookups (free) and the draft model.
@@ -381,24 +365,25 @@ def test_serve_refuses_a_negative_prefix_cache() -> None:
         command.run(args)
 
 
-def test_serve_command_with_the_hybrid_drafter(target, monkeypatch) -> None:
-    """`verispec serve --drafter hybrid -k auto` on tiny models: the hybrid drafter with its
-    draft model pooled (and shared with the "model" drafter), the cost policy, and greedy
-    output equal to plain decoding, with the policy's draft length and with a fixed one."""
+def test_serve_command_with_the_hybrid_drafter(chat_target, monkeypatch, tmp_path) -> None:
+    """`verispec serve --drafter hybrid -k auto` on tiny models: every drafter on the menu
+    (the hybrid one the default, its draft model shared with the "model" drafter), the
+    per-machine cost model measured into --cache-dir, and greedy output equal to plain
+    decoding, with the policy's draft length and with a fixed one."""
     import uvicorn
 
-    from verispec import cli, models
-    from verispec.batching import PooledModel
-    from verispec.drafters import HybridDrafter
+    from verispec import models
+    from verispec.cli import build_parser
+    from verispec.costs import CostModel
+    from verispec.drafters import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
     from verispec.server import command
-    from verispec.server.policy import BatchCostPolicy
 
-    draft = noisy_copy(target)
+    draft = noisy_copy(chat_target)
     loaded: dict = {}
 
     def load_model(name, **kw):
         loaded[name] = kw
-        return {"T": target, "D": draft}[name]
+        return {"T": chat_target, "D": draft}[name]
 
     monkeypatch.setattr(models, "load_model", load_model)
     built: dict = {}
@@ -410,21 +395,42 @@ def test_serve_command_with_the_hybrid_drafter(target, monkeypatch) -> None:
     build = command.build_scheduler
     monkeypatch.setattr(command, "build_scheduler", build_scheduler)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: built.update(app=app))
+    # Nothing may land in the user's cache: --cache-dir names a fresh folder, and the
+    # default one (VERISPEC_CACHE) another that must stay empty.
+    cache_dir, default_cache = tmp_path / "cache", tmp_path / "default-cache"
+    monkeypatch.setenv("VERISPEC_CACHE", str(default_cache))
     argv = ["serve", "--target", "T", "--draft", "D", "--drafter", "hybrid", "-k", "auto"]
-    args = cli.build_parser().parse_args([*argv, "--ngram", "4", "--max-batch", "2"])
+    args = build_parser().parse_args(
+        [*argv, "--ngram", "4", "--max-batch", "2", "--cache-dir", str(cache_dir)]
+    )
     assert command.run(args) == 0
-    # The scheduler drafts in batched passes, which compiled steps do not serve: auto is off.
-    assert loaded["D"]["compile_steps"] is False
+    # The server leaves --draft-compile to its default (auto), as generate does.
+    assert loaded["D"]["compile_steps"] == "auto"
+    assert loaded["T"]["cache_dir"] == loaded["D"]["cache_dir"] == str(cache_dir)
     scheduler = built["scheduler"]
     assert scheduler.prefix is not None and scheduler.prefix.max_sequences == 4  # the default
-    assert isinstance(scheduler.drafter, HybridDrafter) and scheduler.drafter.lookup.max_ngram == 4
-    assert scheduler.drafters["hybrid"] is scheduler.drafter
-    assert isinstance(scheduler.drafter.model, PooledModel)
-    assert scheduler.drafters["model"].model is scheduler.drafter.model
-    assert isinstance(scheduler.policy, BatchCostPolicy)
+    assert scheduler.max_batch == 2
+    # Every drafter a request may pick; the one asked for is the default.
+    assert list(scheduler.drafters) == ["none", "prompt-lookup", "model", "hybrid"]
+    assert scheduler.drafters["none"] is None
+    assert scheduler.default == "hybrid" and scheduler.drafter is scheduler.drafters["hybrid"]
+    hybrid, model = scheduler.drafters["hybrid"], scheduler.drafters["model"]
+    assert isinstance(hybrid, HybridDrafter) and hybrid.lookup.max_ngram == 4
+    lookup = scheduler.drafters["prompt-lookup"]
+    assert isinstance(lookup, PromptLookupDrafter) and lookup.max_ngram == 4
+    assert isinstance(model, DraftModelDrafter) and model.model is draft
+    assert hybrid.model_drafter is model and hybrid.draft_model is draft  # one draft model
+    # -k auto: the per-machine cost model, measured once into --cache-dir.
+    assert scheduler.num_draft_tokens == "auto"
+    assert isinstance(scheduler.costs, CostModel) and scheduler.costs.max_k >= 1
+    assert scheduler.costs.c_verify[0] == 1.0 and scheduler.costs.c_draft > 0
+    assert len(list((cache_dir / "costs").glob("*.json"))) == 1
+    assert not default_cache.exists()
     with serve(built["app"], scheduler) as running:
         config = httpx.get(running.url + "/playground/config").json()
-        assert config["drafter"] == "hybrid" and "hybrid" in config["drafters"]
+        assert config["drafter"] == "hybrid" and config["num_draft_tokens"] == "auto"
+        assert config["drafters"] == sorted(["none", "prompt-lookup", "model", "hybrid"])
+        assert config["draft"] == draft.name
         client = openai.OpenAI(base_url=running.base_url, api_key="x", max_retries=0)
 
         def ask(prompt: str, k: int | None = None) -> openai.types.Completion:
@@ -440,7 +446,6 @@ def test_serve_command_with_the_hybrid_drafter(target, monkeypatch) -> None:
             auto = list(pool.map(ask, HYBRID_PROMPTS[:3]))
             fixed = list(pool.map(ask, HYBRID_PROMPTS[:3], [3] * 3))
     for prompt, a, f in zip(HYBRID_PROMPTS, auto, fixed, strict=False):
-        alone = generate(target, None, prompt, max_new_tokens=16, chat=False).text
+        alone = generate(chat_target, None, prompt, max_new_tokens=16, chat=False).text
         assert a.choices[0].text == alone and f.choices[0].text == alone
         assert f.model_extra["speculation"]["drafted"] > 0
-    assert scheduler.drafter.model.pool.in_use == 0

@@ -9,7 +9,8 @@ import openai
 import pytest
 from server_support import serve
 
-from verispec import PromptLookupDrafter, generate, load_model
+from verispec import generate, load_model
+from verispec.drafters import drafter_menu
 from verispec.server.app import create_app
 from verispec.server.command import build_scheduler
 
@@ -36,7 +37,12 @@ def smollm2():
 def test_smollm2_server_matches_the_library(smollm2) -> None:
     # A fixed k keeps this test quick (auto measures pass costs first; the load test runs it).
     scheduler = build_scheduler(
-        smollm2, PromptLookupDrafter(), max_batch=4, max_queue=8, num_draft_tokens=4
+        smollm2,
+        drafter_menu(smollm2, None),
+        default="prompt-lookup",
+        max_batch=4,
+        max_queue=8,
+        num_draft_tokens=4,
     )
     app = create_app(scheduler, model_name="smollm2-135m")
     with serve(app, scheduler) as server:
@@ -71,7 +77,8 @@ def test_smollm2_second_turns_reuse_the_first_and_match_the_library(smollm2) -> 
     whole prompt on the real model."""
     scheduler = build_scheduler(
         smollm2,
-        PromptLookupDrafter(),
+        drafter_menu(smollm2, None),
+        default="prompt-lookup",
         max_batch=4,
         max_queue=8,
         num_draft_tokens=4,

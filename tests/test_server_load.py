@@ -20,42 +20,24 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from server_support import (
-    GateDrafter,
-    serve,
-    tiny_server,
-    tiny_target,
-    wait_until,
-)
+from server_support import gated_scheduler, serve, wait_until
 
 from verispec import generate
 from verispec.server.app import create_app
-from verispec.server.scheduler import Scheduler
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_target()
-
-
-@pytest.fixture(scope="module")
-def server(target):
-    with tiny_server(target) as running:
-        yield running
 
 
 def _idle(scheduler) -> bool:
-    pools = [scheduler.target, getattr(scheduler.drafter, "model", None)]
-    slots = sum(p.pool.in_use for p in pools if hasattr(p, "pool"))
-    return scheduler.num_running == 0 and scheduler.num_waiting == 0 and slots == 0
+    return scheduler.num_running == 0 and scheduler.num_waiting == 0
 
 
-def test_32_concurrent_streams_each_equal_their_sequential_output(server, target) -> None:
+def test_32_concurrent_streams_each_equal_their_sequential_output(chat_server, chat_target) -> None:
     prompts = [f"Request {i}: " + "abcdefgh"[: i % 8] * (1 + i % 3) for i in range(32)]
     lengths = [4 + (i * 7) % 21 for i in range(32)]
 
     def run(i: int) -> tuple[str, str | None]:
-        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=120)
+        client = openai.OpenAI(
+            base_url=chat_server.base_url, api_key="x", max_retries=0, timeout=120
+        )
         stream = client.completions.create(
             model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0, stream=True
         )
@@ -65,16 +47,16 @@ def test_32_concurrent_streams_each_equal_their_sequential_output(server, target
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(run, range(32)))
     for prompt, n, (text, reason) in zip(prompts, lengths, results, strict=True):
-        alone = generate(target, None, prompt, max_new_tokens=n, chat=False)
+        alone = generate(chat_target, None, prompt, max_new_tokens=n, chat=False)
         assert text == alone.text
         assert reason == ("length" if alone.finish_reason == "length" else "stop")
-    assert wait_until(lambda: _idle(server.scheduler))
+    assert wait_until(lambda: _idle(chat_server.scheduler))
 
 
-def test_dropped_streams_free_everything(server) -> None:
+def test_dropped_streams_free_everything(chat_server) -> None:
     body = {"prompt": "Tell me a long story", "max_tokens": 64, "temperature": 0, "stream": True}
-    url = server.base_url + "/completions"
-    scheduler = server.scheduler
+    url = chat_server.base_url + "/completions"
+    scheduler = chat_server.scheduler
     process = psutil.Process(os.getpid())
 
     def drop() -> None:
@@ -96,15 +78,15 @@ def test_dropped_streams_free_everything(server) -> None:
         )
         gc.collect()
         rss.append(process.memory_info().rss)
-    cancelled = httpx.get(server.url + "/metrics").text
+    cancelled = httpx.get(chat_server.url + "/metrics").text
     assert 'verispec_finished_sequences_total{outcome="cancelled"}' in cancelled
     # After a warm-up round, repeated rounds leave no growth beyond allocator noise.
     assert max(rss[2:]) - rss[1] < 32 * 2**20, [r // 2**20 for r in rss]
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_generated_requests_get_no_5xx_and_match_the_schema(server, mode) -> None:
-    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+def test_generated_requests_get_no_5xx_and_match_the_schema(chat_server, mode) -> None:
+    schema = schemathesis.openapi.from_url(chat_server.url + "/openapi.json")
     checks = [
         not_a_server_error,
         response_schema_conformance,
@@ -124,13 +106,12 @@ def test_generated_requests_get_no_5xx_and_match_the_schema(server, mode) -> Non
         case.call_and_validate(timeout=60, checks=checks)
 
     call()
-    assert server.scheduler.alive
-    assert wait_until(lambda: _idle(server.scheduler))
+    assert chat_server.scheduler.alive
+    assert wait_until(lambda: _idle(chat_server.scheduler))
 
 
-def test_shutdown_finishes_in_flight_requests(target) -> None:
-    drafter = GateDrafter()
-    scheduler = Scheduler(target, drafter, max_batch=2, max_queue=4, num_draft_tokens=1)
+def test_shutdown_finishes_in_flight_requests(chat_target) -> None:
+    scheduler, drafter = gated_scheduler(chat_target, max_batch=2, max_queue=4)
     app = create_app(scheduler, model_name="tiny", max_tokens_limit=200)
     body = {"prompt": "Shut down", "max_tokens": 40, "temperature": 0, "stream": True}
     events: list[str] = []

@@ -12,12 +12,15 @@ from verispec.drafters import (
     Draft,
     Drafter,
     DraftModelDrafter,
+    DraftRequest,
     HybridDrafter,
     PromptLookupDrafter,
     Proposer,
+    StatelessDrafter,
 )
-from verispec.engine import SequenceState, StepEvent, speculate
+from verispec.engine import SequenceState, StepEvent, speculate, step
 from verispec.errors import (
+    DrafterError,
     IncompatibleTokenizersError,
     InvalidArgumentError,
     ModelFormatError,
@@ -45,7 +48,9 @@ __all__ = [
     "CostModel",
     "Draft",
     "DraftModelDrafter",
+    "DraftRequest",
     "Drafter",
+    "DrafterError",
     "Generation",
     "GenerationResult",
     "GenerationStats",
@@ -62,6 +67,7 @@ __all__ = [
     "Proposer",
     "SamplingParams",
     "SequenceState",
+    "StatelessDrafter",
     "StepEvent",
     "TextEvent",
     "UnknownPresetError",
@@ -71,5 +77,6 @@ __all__ = [
     "generate",
     "load_model",
     "speculate",
+    "step",
     "stream",
 ]

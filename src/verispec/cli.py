@@ -13,102 +13,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from verispec.errors import InvalidArgumentError, VerispecError
+from verispec.options import (
+    add_model_options,
+    add_pair_options,
+    draft_kernels,
+    draft_length,
+    float_arg,
+    int_arg,
+    load_pair,
+)
 
 DEFAULT_PROMPT = (
     "Write a Python function `is_palindrome(s: str) -> bool` that ignores case and "
     "non-alphanumeric characters. Include a docstring with two examples."
 )
 _GREEN, _YELLOW, _RESET = "\033[32m", "\033[33m", "\033[0m"
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def draft_length(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def add_pair_options(
-    parser: argparse.ArgumentParser,
-    *,
-    drafters: list[str],
-    drafter_help: str,
-    default_drafter: str = "model",
-) -> None:
-    """--target, --draft and --drafter, shared by the commands that generate."""
-    from verispec import presets
-
-    parser.add_argument(
-        "--target", default=presets.DEFAULT_TARGET, help="preset, local folder, GGUF file or hub id"
-    )
-    parser.add_argument(
-        "--draft", default=presets.DEFAULT_DRAFT, help="draft model for --drafter model or hybrid"
-    )
-    parser.add_argument("--drafter", choices=drafters, default=default_drafter, help=drafter_help)
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that loads models."""
-    parser.add_argument(
-        "--precision",
-        choices=["fp32", "bf16", "fp16", "int8"],
-        default=None,
-        help="target precision (default: fp32 on CPU, bf16 on CUDA); int8 changes the output "
-        "(to plain int8 decoding's, which speculation then reproduces)",
-    )
-    parser.add_argument(
-        "--draft-precision",
-        choices=["fp32", "bf16", "fp16", "int8", "int4"],
-        default=None,
-        help="draft precision (default: int4 on CPU, bf16 on CUDA); never changes the output, "
-        "only the acceptance rate",
-    )
-    parser.add_argument(
-        "--draft-vocab",
-        type=_int,
-        default=None,
-        metavar="N",
-        help="score only the draft's first N token ids, the special ones and those of the "
-        "context being drafted for: a cheaper draft head (off by default; not faster on the "
-        "bundled pair here)",
-    )
-    parser.add_argument(
-        "--draft-compile",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="run the draft's decoding steps through torch.compile (auto: an int4 draft on a CPU "
-        "with a C++ compiler, where it saves a sixth of each step; compiling takes seconds once "
-        "cached, about a minute the first time); never changes the output",
-    )
-    parser.add_argument(
-        "--kernels",
-        choices=["auto", "default", "onednn"],
-        default="auto",
-        help="CPU matmul kernels (auto: oneDNN prepacked fp32 where available)",
-    )
-    parser.add_argument(
-        "--runner",
-        choices=["auto", "lean", "hf"],
-        default="auto",
-        help="forward pass: lean (verispec's loop over the model's modules, Llama/Qwen2), "
-        "hf (transformers') or auto (lean where supported)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,12 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with -k auto under greedy decoding, also verify a draft model's runner-up "
         "tokens where that pays (a token tree; on by default)",
     )
-    gen.add_argument("--ngram", type=_int, default=3, help="longest n-gram for prompt lookup")
-    gen.add_argument("--temperature", type=_float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=_int, default=0, help="0 = off")
-    gen.add_argument("--top-p", type=_float, default=1.0, help="1 = off")
-    gen.add_argument("--seed", type=_int, default=None)
-    gen.add_argument("--max-new-tokens", type=_int, default=256)
+    gen.add_argument("--ngram", type=int_arg, default=3, help="longest n-gram for prompt lookup")
+    gen.add_argument("--temperature", type=float_arg, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int_arg, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float_arg, default=1.0, help="1 = off")
+    gen.add_argument("--seed", type=int_arg, default=None)
+    gen.add_argument("--max-new-tokens", type=int_arg, default=256)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument(
         "--chat",
@@ -206,46 +125,9 @@ def _summary(stats: Any, drafter_name: str) -> str:
     return line
 
 
-def compile_choice(args: argparse.Namespace) -> bool | str:
-    """``--draft-compile`` as ``load_model(compile_steps=...)`` takes it."""
-    return {"on": True, "off": False}.get(getattr(args, "draft_compile", "auto"), "auto")
-
-
-def load_pair(args: argparse.Namespace, *, progress: bool) -> tuple[Any, Any]:
-    """Load the target and build the drafter the options ask for."""
-    from verispec.drafters import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
-    from verispec.models import default_device, default_draft_precision, load_model
-
-    device = args.device or default_device()
-    common = {
-        "cache_dir": args.cache_dir,
-        "device": device,
-        "kernels": args.kernels,
-        "runner": args.runner,
-    }
-    target = load_model(args.target, precision=args.precision, progress=progress, **common)
-    drafter: Any = None
-    if args.drafter in ("model", "hybrid"):
-        draft_precision = args.draft_precision or default_draft_precision(device)
-        draft = load_model(
-            args.draft,
-            precision=draft_precision,
-            vocab_limit=args.draft_vocab,
-            batch_invariant=False,  # a draft's scores never change the output
-            compile_steps=compile_choice(args),
-            progress=progress,
-            **common,
-        )
-        drafter = DraftModelDrafter(draft, target=target)
-        if args.drafter == "hybrid":
-            drafter = HybridDrafter(drafter, max_ngram=args.ngram)
-    elif args.drafter == "prompt-lookup":
-        drafter = PromptLookupDrafter(max_ngram=args.ngram)
-    return target, drafter
-
-
 def _generate(args: argparse.Namespace) -> int:
     from verispec.generate import stream
+    from verispec.models import kernel_description
 
     if not args.prompt.strip():
         raise InvalidArgumentError("the prompt is empty")
@@ -258,7 +140,8 @@ def _generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens
     )
     progress = not args.json
-    target, drafter = load_pair(args, progress=progress)
+    target, menu = load_pair(args, progress=progress)
+    drafter = menu[args.drafter]
     drafter_name = drafter.name if drafter is not None else "no drafter (plain decoding)"
 
     generation = stream(
@@ -294,7 +177,7 @@ def _generate(args: argparse.Namespace) -> int:
             "target": args.target,
             "drafter": drafter_name,
             "num_draft_tokens": args.num_draft_tokens,
-            "kernels": {"target": target.kernels, "draft": getattr(drafter, "kernels", None)},
+            "kernels": {"target": kernel_description(target), "draft": draft_kernels(drafter)},
             "stats": result.stats.to_dict(),
         }
         print(json.dumps(payload, indent=2))

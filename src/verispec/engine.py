@@ -1,14 +1,18 @@
-"""The decode loop: draft -> verify -> accept -> roll back -> emit.
+"""The decode step: one target pass for a batch of sequences.
 
-The engine knows token ids, not text. One :class:`SequenceState` holds
-everything a sequence owns (tokens, target cache, drafter state, random
-generator, statistics), so a scheduler can step many sequences; nothing here
-is global.
+:func:`step` advances any number of sequences by one target pass: every
+sequence's drafter proposes (all sequences of a drafter at once, so a draft
+model steps them in lock-step), one batched target forward scores every
+``[last token, *draft]`` (ragged, trees where the target takes them), each
+sequence is verified on its own (:mod:`verispec.verify`), its cache rolled back
+to what it kept, and its new tokens emitted. :func:`speculate` (behind
+``generate`` and ``stream``) is :func:`step` with a batch of one; the server's
+scheduler calls it with its running batch and only adds admission,
+cancellation and delivery. The engine knows token ids, not text.
 
-The first pass is the prompt pass: it scores the whole prompt and picks the
-first new token from its last row (as plain decoding in transformers or
-llama.cpp does), so no extra one-token pass stands between the prompt and the
-first token.
+The first pass is the prompt pass (:func:`prompt_pass`): it scores the whole
+prompt and picks the first new token from its last row (as plain decoding in
+transformers or llama.cpp does).
 
 Invariant: after it, the target cache holds every token but the last one. Each
 pass feeds ``[last token, d_1 .. d_k]`` and gets k + 1 rows of logits; after
@@ -19,38 +23,44 @@ is again the one not yet fed.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from verispec.costs import AdaptiveDraftLength, CostModel
-from verispec.drafters import Draft, Drafter, Proposer
-from verispec.errors import InvalidArgumentError, PromptTooLongError
-from verispec.models import LanguageModel, ModelCache
+from verispec.costs import CostModel
+from verispec.drafters import NO_DRAFT, Draft, Drafter, DraftRequest, Proposer
+from verispec.errors import DrafterError, InvalidArgumentError, PromptTooLongError
+from verispec.models import LanguageModel
+from verispec.policy import DraftPolicy, plan_batch
 from verispec.prefix import CachedState, PrefixCache, PrefixEntry
 from verispec.sampling import SamplingParams, warp
 from verispec.stats import GenerationStats
 from verispec.verify import greedy_verify, rejection_sample
 
 MAX_DRAFT_TOKENS = 64
-NO_DRAFT = Draft(tokens=[])  # a pass that verifies no draft (the prompt pass, k = 0)
+DraftLength = int | Literal["auto"]  # a fixed k, or "auto" (cost model + running acceptance)
+log = logging.getLogger("verispec.engine")
 
 
 @dataclass(frozen=True)
 class StepEvent:
-    """What one target pass added to the sequence."""
+    """What one target pass added to one sequence."""
 
     tokens: list[int]  # new tokens, in order (may be cut short by EOS / max tokens)
     from_draft: list[bool]  # per token: proposed by the drafter and accepted
     num_drafted: int
     num_accepted: int
-    finish_reason: str | None  # "eos", "length" or None (more to come)
+    finish_reason: str | None  # "eos", "length", "error" or None (more to come)
+    draft: Draft = NO_DRAFT  # what was verified
+    logits: torch.Tensor | None = None  # [k' + 1 (+ siblings), vocab]: the pass's rows
+    error: str | None = None  # why the sequence failed (finish_reason "error")
 
 
-@dataclass
+@dataclass(eq=False)
 class SequenceState:
     """One sequence being generated: all of its state, nothing shared."""
 
@@ -58,24 +68,22 @@ class SequenceState:
     prompt_length: int
     max_new_tokens: int
     params: SamplingParams
-    cache: ModelCache
+    cache: Any  # the target's cache of this sequence (LanguageModel.new_cache)
+    drafter: Drafter[Any] | None
     proposer: Proposer | None
     generator: torch.Generator
+    num_draft_tokens: int = 0  # the fixed draft length when there is no policy
+    policy: DraftPolicy | None = None  # chooses k per pass under -k auto
+    tree: bool = False  # drafts may carry siblings (greedy, a target that scores trees)
     stats: GenerationStats = field(default_factory=GenerationStats)
-    policy: AdaptiveDraftLength | None = None  # chooses k per pass when drafting is adaptive
-    last_draft_free: bool = False  # the last pass's draft cost nothing (a prompt lookup)
-    last_draft_hinted: bool = False  # the last pass's draft read tokens off a hint pass
-    proposer_chooses: bool = False  # the proposer asks the policy itself (k is only a cap)
     finish_reason: str | None = None
+    error: str | None = None
     started_at: float = field(default_factory=time.perf_counter)
     prefix_cache: PrefixCache | None = None  # where the caches go when the sequence is done
 
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_length :]
-
-
-DraftLength = int | Literal["auto"]  # a fixed k, or "auto" (cost model + running acceptance)
 
 
 def check_generation_args(*, max_new_tokens: int, num_draft_tokens: DraftLength) -> None:
@@ -97,21 +105,26 @@ def check_generation_args(*, max_new_tokens: int, num_draft_tokens: DraftLength)
 
 def start_sequence(
     target: LanguageModel,
-    drafter: Drafter | None,
+    drafter: Drafter[Any] | None,
     prompt_ids: list[int],
     *,
     params: SamplingParams,
     max_new_tokens: int,
+    num_draft_tokens: DraftLength = 4,
+    costs: CostModel | None = None,
+    siblings: bool = True,
     prefix_cache: PrefixCache | None = None,
 ) -> SequenceState:
-    """Validate and set up a sequence; its prompt pass (:func:`prompt_step`, or a
-    scheduler's batched one finished by ``finish_step(..., prompt=True)``) comes next.
+    """Validate and set up a sequence; its prompt pass (:func:`prompt_pass`) comes next.
 
-    With ``prefix_cache``, the sequence starts from the cached entry sharing the
-    longest prefix with the prompt (its cache cropped to that prefix, keeping at
-    least the last prompt token to score), so its prompt pass scores only the
-    rest: ``seq.tokens[seq.cache.length:]``. :func:`release_sequence` puts the
-    caches back when the sequence is done."""
+    ``num_draft_tokens="auto"`` gives the sequence a :class:`~verispec.policy.DraftPolicy`
+    over ``costs`` (required then). Under greedy decoding with ``"auto"``, drafts may
+    carry siblings (token trees) if the target scores trees; ``siblings=False`` keeps
+    them to chains. With ``prefix_cache``, the sequence starts from the cached entry
+    sharing the longest prefix with the prompt (its cache cropped to that prefix,
+    keeping at least the last prompt token to score), so its prompt pass scores only
+    the rest; :func:`release_sequence` puts the caches back when it is done."""
+    check_generation_args(max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens)
     if not prompt_ids:
         raise InvalidArgumentError("the prompt is empty")
     if len(prompt_ids) >= target.max_context:
@@ -122,27 +135,35 @@ def start_sequence(
     bad = [t for t in prompt_ids if not 0 <= t < target.vocab_size]
     if bad:
         raise InvalidArgumentError(f"prompt token id {bad[0]} is outside [0, {target.vocab_size})")
-    found = prefix_cache.take(target, prompt_ids) if prefix_cache is not None else None
+    policy = None
+    if num_draft_tokens == "auto" and drafter is not None:
+        if costs is None:
+            raise InvalidArgumentError("num_draft_tokens='auto' needs a cost model (costs=...)")
+        policy = DraftPolicy(costs)
     proposer = drafter.start() if drafter is not None else None
+    if policy is not None and proposer is not None:
+        policy.follow_confidence = proposer.stops_by_confidence
+    found = prefix_cache.take(target, prompt_ids) if prefix_cache is not None else None
     if found is None:
         cache = target.new_cache()
     else:
         entry, shared = found
-        entry.target.cache.crop(min(shared, len(prompt_ids) - 1))
-        # A pooled model (the server's) keeps cached prefixes outside its slots.
-        attach = getattr(target, "attach_cache", None)
-        cache = entry.target.cache if attach is None else attach(entry.target.cache)
-        adopt = getattr(proposer, "adopt_cache", None)  # a draft model's proposer
-        if entry.draft is not None and adopt is not None:
-            adopt(entry.draft)  # it keeps what the context still agrees with
+        cache = entry.target.cache
+        cache.crop(min(shared, len(prompt_ids) - 1))
+        if entry.draft is not None and proposer is not None:
+            proposer.adopt_cache(entry.draft)  # it keeps what the context still agrees with
     seq = SequenceState(
         tokens=list(prompt_ids),
         prompt_length=len(prompt_ids),
         max_new_tokens=max_new_tokens,
         params=params,
         cache=cache,
+        drafter=drafter,
         proposer=proposer,
         generator=params.make_generator(),
+        num_draft_tokens=num_draft_tokens if isinstance(num_draft_tokens, int) else 0,
+        policy=policy,
+        tree=policy is not None and siblings and params.greedy and target.supports_tree,
         prefix_cache=prefix_cache,
     )
     seq.stats.prompt_tokens = len(prompt_ids)
@@ -171,29 +192,24 @@ def release_sequence(seq: SequenceState, target: LanguageModel) -> None:
     # prompt pass splits its work (and, in the last bits, its numbers) from plain
     # decoding's through the same cache.
     cache.crop(min(cache.length, len(seq.tokens) - 1))
-    tokens = list(seq.tokens[: cache.length])
-    draft = None
-    state = getattr(seq.proposer, "cached_state", None)  # a draft model's proposer
-    if state is not None:
-        draft = _detached(state())
-    pool.put(PrefixEntry(target=_detached(CachedState(target, tokens, cache)), draft=draft))
+    kept = CachedState(target, list(seq.tokens[: cache.length]), cache)
+    draft = seq.proposer.cached_state() if seq.proposer is not None else None
+    pool.put(PrefixEntry(target=kept, draft=draft))
 
 
-def _detached(state: CachedState) -> CachedState:
-    """``state`` with a pooled model's cache copied out of its slot (which is freed)."""
-    detach = getattr(state.model, "detach_cache", None)
-    if detach is None:
-        return state
-    return CachedState(state.model, state.tokens, detach(state.cache))
-
-
-def prompt_step(target: LanguageModel, seq: SequenceState) -> StepEvent:
-    """The prompt pass: score the whole prompt and emit the first new token from its
-    last row. It counts as a target pass that verified no draft; its time is the
-    prompt pass's (``time_prefill``, measured from the sequence's start)."""
+def prompt_pass(target: LanguageModel, seqs: Sequence[SequenceState]) -> list[StepEvent]:
+    """The prompt passes of new sequences, in one batched pass: each scores its prompt
+    (past a reused prefix) and emits its first token from the last row. Each counts as
+    a target pass that verified no draft; its time is ``time_prefill``, measured from
+    the sequence's start."""
     started = time.perf_counter()
-    logits = target.forward(seq.cache, uncached_prompt(seq), num_logits=1)  # [1, vocab]
-    return finish_step(target, seq, NO_DRAFT, logits, started=started, prompt=True)
+    logits = target.forward_batch(
+        [s.cache for s in seqs], [uncached_prompt(s) for s in seqs], num_logits=[1] * len(seqs)
+    )
+    return [
+        finish_step(target, seq, NO_DRAFT, rows, started=started, prompt=True)
+        for seq, rows in zip(seqs, logits, strict=True)
+    ]
 
 
 def draft_budget(target: LanguageModel, seq: SequenceState, num_draft_tokens: int) -> int:
@@ -203,28 +219,163 @@ def draft_budget(target: LanguageModel, seq: SequenceState, num_draft_tokens: in
     return max(0, min(num_draft_tokens, remaining - 1, room))
 
 
-def step(target: LanguageModel, seq: SequenceState, num_draft_tokens: int) -> StepEvent:
-    """One target pass for one sequence."""
-    # 1. How many tokens to draft.
-    k = draft_budget(target, seq, num_draft_tokens)
-    t0 = time.perf_counter()
-    draft = NO_DRAFT
-    if seq.proposer is not None and k > 0:
-        draft = seq.proposer.propose(seq.tokens, k, params=seq.params, generator=seq.generator)
-    seq.last_draft_free = draft.free
-    seq.last_draft_hinted = draft.hinted > 0
-    t1 = time.perf_counter()
-    seq.stats.time_draft += t1 - t0
-    # 2. Score the last token and the draft in one target pass (with siblings: a tree
-    #    whose extra rows each follow the draft token before the one they replace).
-    tokens = [seq.tokens[-1], *draft.tokens]
-    if draft.siblings:
-        parents = [*range(-1, len(draft.tokens)), *(i for i, _ in draft.siblings)]
-        tokens += [token for _, token in draft.siblings]
-        logits = target.forward(seq.cache, tokens, parents=parents)  # type: ignore[call-arg]
+def draft_length(target: LanguageModel, seq: SequenceState) -> int:
+    """This pass's draft length for ``seq``: its policy's choice (a proposer that picks
+    its own length gets the cap), else its fixed k; within its budget."""
+    if seq.proposer is None:
+        return 0
+    if seq.policy is None:
+        k = seq.num_draft_tokens
+    elif seq.proposer.chooses_length:
+        k = seq.policy.cap
     else:
-        logits = target.forward(seq.cache, tokens)  # [k' + 1, vocab]
-    return finish_step(target, seq, draft, logits, started=t1)
+        k = seq.policy.choose()
+    return draft_budget(target, seq, k)
+
+
+def step(target: LanguageModel, seqs: Sequence[SequenceState]) -> list[StepEvent]:
+    """One target pass for every sequence of ``seqs`` (none finished).
+
+    A sequence whose drafter fails (raises, or breaks the protocol) ends with
+    ``finish_reason="error"`` and the error in its event; the others go on."""
+    # 1. How many tokens each sequence drafts (a batch's sequences share one pass).
+    ks = [draft_length(target, s) for s in seqs]
+    policies = [s.policy for s in seqs if s.policy is not None]
+    if len(seqs) > 1 and policies:
+        cap = plan_batch(
+            policies[0].costs, policies, [k for s, k in zip(seqs, ks, strict=True) if s.policy]
+        )
+        ks = [min(k, cap) if s.policy is not None else k for s, k in zip(seqs, ks, strict=True)]
+    # 2. Propose: each drafter for all of its sequences at once.
+    t0 = time.perf_counter()
+    drafts = _propose(target, seqs, ks)
+    t1 = time.perf_counter()
+    events: list[StepEvent | None] = [None] * len(seqs)
+    live: list[int] = []
+    for i, (seq, draft) in enumerate(zip(seqs, drafts, strict=True)):
+        seq.stats.time_draft += t1 - t0
+        if isinstance(draft, str):
+            seq.finish_reason, seq.error = "error", draft
+            events[i] = StepEvent([], [], 0, 0, "error", error=draft)
+        else:
+            live.append(i)
+    # 3. Score every sequence's last token and draft in one target pass (with siblings: a
+    #    tree whose extra rows each follow the draft token before the one they replace).
+    inputs, parents = [], []
+    for i in live:
+        draft = drafts[i]
+        assert not isinstance(draft, str)
+        inputs.append([seqs[i].tokens[-1], *draft.tokens, *(s for _, s in draft.siblings)])
+        parents.append(
+            [*range(-1, len(draft.tokens)), *(j for j, _ in draft.siblings)]
+            if draft.siblings
+            else None
+        )
+    if live:
+        logits = target.forward_batch(
+            [seqs[i].cache for i in live],
+            inputs,
+            parents=parents if any(p is not None for p in parents) else None,
+        )
+        t2 = time.perf_counter()
+        # 4. Verify, roll back and emit, each sequence on its own.
+        for i, rows in zip(live, logits, strict=True):
+            seq, draft = seqs[i], drafts[i]
+            assert not isinstance(draft, str)
+            event = finish_step(target, seq, draft, rows, started=t1)
+            if seq.policy is not None:
+                seq.policy.observe(
+                    event.num_drafted,
+                    event.num_accepted,
+                    free=draft.free,
+                    confidences=draft.confidences,
+                )
+                # a hinted draft's time is not a step's (Draft.hinted)
+                seq.policy.observe_time(
+                    0 if draft.free or draft.hinted else event.num_drafted, t1 - t0, t2 - t1
+                )
+            events[i] = event
+    return [e for e in events if e is not None]
+
+
+def _propose(
+    target: LanguageModel, seqs: Sequence[SequenceState], ks: Sequence[int]
+) -> list[Draft | str]:
+    """Every sequence's draft (or why its drafter failed), asking each drafter once for
+    all of its sequences."""
+    drafts: list[Draft | str] = [NO_DRAFT] * len(seqs)
+    groups: dict[int, list[int]] = {}
+    for i, (seq, k) in enumerate(zip(seqs, ks, strict=True)):
+        if seq.drafter is not None and k > 0:
+            groups.setdefault(id(seq.drafter), []).append(i)
+    for members in groups.values():
+        drafter = seqs[members[0]].drafter
+        assert drafter is not None
+        requests = [_request(target, seqs[i], ks[i]) for i in members]
+        try:
+            got: list[Draft | str] = list(
+                drafter.propose_batch([seqs[i].proposer for i in members], requests)
+            )
+            if len(got) != len(members):
+                raise DrafterError(f"returned {len(got)} drafts for {len(members)} sequences")
+        except Exception as exc:  # find which sequences fail: ask each on its own
+            log.warning("drafter %r failed on a batch (%s); asking one by one", drafter.name, exc)
+            got = [
+                _propose_one(drafter, seqs[i], r) for i, r in zip(members, requests, strict=True)
+            ]
+        for i, request, draft in zip(members, requests, got, strict=True):
+            drafts[i] = (
+                draft if isinstance(draft, str) else _checked(drafter, draft, request, target)
+            )
+    return drafts
+
+
+def _propose_one(drafter: Drafter[Any], seq: SequenceState, request: DraftRequest) -> Draft | str:
+    try:
+        return drafter.propose_batch([seq.proposer], [request])[0]
+    except Exception as exc:
+        log.exception("drafter %r failed", drafter.name)
+        return f"drafter {drafter.name!r} failed: {type(exc).__name__}: {exc}"
+
+
+def _checked(
+    drafter: Drafter[Any], draft: Draft, request: DraftRequest, target: LanguageModel
+) -> Draft | str:
+    """``draft`` if it keeps the protocol, else why not (naming the drafter)."""
+    problem = None
+    if not isinstance(draft, Draft):
+        problem = f"returned {type(draft).__name__}, not a Draft"
+    elif len(draft.tokens) > request.k:
+        problem = f"proposed {len(draft.tokens)} tokens where at most {request.k} were asked"
+    elif bad := [
+        t for t in draft.tokens if not isinstance(t, int) or not 0 <= t < target.vocab_size
+    ]:
+        problem = f"proposed token id {bad[0]!r}, outside [0, {target.vocab_size})"
+    elif draft.probs is not None and tuple(draft.probs.shape) != (
+        len(draft.tokens),
+        target.vocab_size,
+    ):
+        problem = (
+            f"returned probs of shape {tuple(draft.probs.shape)} for {len(draft.tokens)} tokens"
+        )
+    elif draft.siblings and (request.tree_room <= 0 or len(draft.siblings) > request.tree_room):
+        problem = "proposed siblings where the request allows none"
+    if problem is None:
+        return draft
+    message = f"drafter {drafter.name!r} {problem}"
+    log.error(message)
+    return message
+
+
+def _request(target: LanguageModel, seq: SequenceState, k: int) -> DraftRequest:
+    return DraftRequest(
+        context=seq.tokens,
+        k=k,
+        params=seq.params,
+        generator=seq.generator,
+        policy=seq.policy,
+        tree_room=max(0, target.max_context - len(seq.tokens) - 1) if seq.tree else 0,
+    )
 
 
 def finish_step(
@@ -236,12 +387,10 @@ def finish_step(
     started: float,  # perf_counter() when the target pass began (for time_verify)
     prompt: bool = False,  # the prompt pass (logits: its last row; draft: none)
 ) -> StepEvent:
-    """Steps 3-5 of a pass: verify, roll back, emit. A scheduler that scores many
-    sequences in one batched target pass calls this once per sequence, and with
-    ``prompt=True`` for each sequence of a batched prompt pass."""
+    """Verify one sequence's pass, roll its cache back, emit its tokens."""
     stats = seq.stats
     remaining = seq.max_new_tokens - len(seq.generated)
-    # 3. Verify.
+    # Verify.
     if seq.params.greedy:
         verdict = greedy_verify(draft.tokens, logits, draft.siblings)
     else:
@@ -249,16 +398,16 @@ def finish_step(
             raise InvalidArgumentError("siblings are verified under greedy decoding only")
         p_target = warp(logits, seq.params)  # [k' + 1, vocab]
         verdict = rejection_sample(draft.tokens, draft.probs, p_target, seq.generator)
-    # 4. Roll the target cache back to the context plus the accepted drafts (and a kept
-    #    sibling, moved from its row to the place of the draft token it replaces).
+    # Roll the target cache back to the context plus the accepted drafts (and a kept
+    # sibling, moved from its row to the place of the draft token it replaces).
     base = len(seq.tokens)  # the pass's row r sits at position base - 1 + r
     kept = base + verdict.num_accepted
     if verdict.sibling is not None:
-        seq.cache.move(base - 1 + verdict.sibling_row, kept)  # type: ignore[attr-defined]
+        seq.cache.move(base - 1 + verdict.sibling_row, kept)
         kept += 1
     seq.cache.crop(kept)
     t2 = time.perf_counter()
-    # 5. Emit, honouring EOS and the length limits exactly.
+    # Emit, honouring EOS and the length limits exactly.
     new = verdict.tokens(draft.tokens)
     finish = None
     for i, token in enumerate(new):
@@ -296,12 +445,14 @@ def finish_step(
         num_drafted=len(draft.tokens),
         num_accepted=verdict.num_accepted,
         finish_reason=finish,
+        draft=draft,
+        logits=logits,
     )
 
 
 def speculate(
     target: LanguageModel,
-    drafter: Drafter | None,
+    drafter: Drafter[Any] | None,
     prompt_ids: list[int],
     *,
     params: SamplingParams | None = None,
@@ -311,91 +462,47 @@ def speculate(
     prefix_cache: PrefixCache | None = None,
     siblings: bool = True,
 ) -> Generator[tuple[StepEvent, SequenceState], None, None]:
-    """Generate from ``prompt_ids``, yielding one event per target pass.
+    """Generate from ``prompt_ids``, yielding one event per target pass: :func:`step`
+    with a batch of one.
 
-    ``drafter=None`` is plain decoding through the same loop and kernels.
+    ``drafter=None`` is plain decoding through the same step and kernels.
     ``num_draft_tokens="auto"`` picks k per pass from ``costs`` (required then)
     and the sequence's running acceptance rate, drafting nothing where
-    speculation does not pay; a draft model's drafts then run up to the longest
-    measured length and stop where its own confidence says one more token does
-    not pay (:meth:`AdaptiveDraftLength.keep_drafting`).
-    Stops at EOS or ``max_new_tokens``; closing the generator early simply
-    drops the sequence (its caches belong to it alone). With ``prefix_cache``
-    (:class:`verispec.prefix.PrefixCache`) the prompt pass reuses the cached
-    prefix the prompt shares, and the sequence's caches go back to it when it
-    ends (finished, or closed between passes). Under greedy decoding with
-    ``"auto"``, a draft model's drafts also carry siblings (its runner-up tokens,
-    verified in the same pass as a token tree) where the cost model says the extra
-    rows pay, if the target can score trees (``supports_tree``); ``siblings=False``
-    verifies chains only.
+    speculation does not pay (see :func:`start_sequence` for siblings and
+    ``prefix_cache``). Stops at EOS or ``max_new_tokens``; closing the generator
+    early simply drops the sequence (its caches go to the prefix cache if it
+    stopped between passes). A failing drafter raises
+    :class:`~verispec.errors.DrafterError`.
     """
-    params = params or SamplingParams()
-    check_generation_args(max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens)
-    # Validation and the prompt pass happen now, not at the first next().
-    if num_draft_tokens == "auto" and costs is None and drafter is not None:
-        raise InvalidArgumentError("num_draft_tokens='auto' needs a cost model (costs=...)")
     seq = start_sequence(
         target,
         drafter,
         prompt_ids,
-        params=params,
+        params=params or SamplingParams(),
         max_new_tokens=max_new_tokens,
+        num_draft_tokens=num_draft_tokens,
+        costs=costs,
+        siblings=siblings,
         prefix_cache=prefix_cache,
     )
-    first = prompt_step(target, seq)
-    if num_draft_tokens == "auto" and costs is not None:
-        seq.policy = AdaptiveDraftLength(costs)
-        attach = getattr(seq.proposer, "attach_policy", None)
-        if attach is not None:  # a proposer that chooses among sources (HybridDrafter)
-            attach(seq.policy)
-            seq.proposer_chooses = True
-        follow = getattr(seq.proposer, "follow_confidence", None)
-        if follow is not None:  # a draft model's drafts stop where its confidence drops
-            follow(seq.policy)
-        tree = getattr(seq.proposer, "propose_siblings", None)
-        if tree is not None and siblings and params.greedy and supports_tree(target):
-            tree(seq.policy, target.max_context)
-    fixed_k = num_draft_tokens if isinstance(num_draft_tokens, int) else 0
-    return _run(target, seq, fixed_k, first)
+    # Validation and the prompt pass happen now, not at the first next().
+    first = prompt_pass(target, [seq])[0]
+    return _run(target, seq, first)
 
 
 def _run(
-    target: LanguageModel, seq: SequenceState, fixed_k: int, first: StepEvent
+    target: LanguageModel, seq: SequenceState, first: StepEvent
 ) -> Generator[tuple[StepEvent, SequenceState], None, None]:
     between_passes = True  # the caches hold exactly the tokens behind them
     try:
         yield first, seq
         while seq.finish_reason is None:
             between_passes = False
-            event = _next_pass(target, seq, fixed_k)
+            (event,) = step(target, [seq])
             between_passes = True
+            if event.error is not None:
+                raise DrafterError(event.error)
             yield event, seq
     finally:
         if between_passes:
             release_sequence(seq, target)
-
-
-def _next_pass(target: LanguageModel, seq: SequenceState, fixed_k: int) -> StepEvent:
-    """Choose k, run one pass, and feed what it showed to the policy."""
-    if seq.policy is None:
-        k = fixed_k
-    elif seq.proposer_chooses:
-        k = seq.policy.costs.max_k
-    else:
-        k = seq.policy.choose()
-    draft_before, verify_before = seq.stats.time_draft, seq.stats.time_verify
-    event = step(target, seq, k)
-    if seq.policy is not None:
-        seq.policy.observe(event.num_drafted, event.num_accepted, free=seq.last_draft_free)
-        seq.policy.observe_time(  # a hinted draft's time is not a step's (Draft.hinted)
-            0 if seq.last_draft_free or seq.last_draft_hinted else event.num_drafted,
-            seq.stats.time_draft - draft_before,
-            seq.stats.time_verify - verify_before,
-        )
-    return event
-
-
-def supports_tree(target: LanguageModel) -> bool:
-    """Whether ``target`` scores token trees (``forward(..., parents=)``) and its caches
-    move positions (:class:`verispec.models.HFModel` with the lean runner)."""
-    return bool(getattr(target, "supports_tree", False))

@@ -33,3 +33,9 @@ class IncompatibleTokenizersError(VerispecError):
 
 class PromptTooLongError(InvalidArgumentError):
     """The prompt (plus the requested tokens) does not fit the model's context window."""
+
+
+class DrafterError(VerispecError):
+    """A drafter raised, or returned a draft that breaks the protocol (names the drafter).
+
+    Only the sequence it drafted for fails; verification never sees a bad draft."""

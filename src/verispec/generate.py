@@ -21,6 +21,7 @@ from verispec.engine import DraftLength, StepEvent, check_generation_args, specu
 from verispec.errors import InvalidArgumentError
 from verispec.models import LanguageModel
 from verispec.prefix import PrefixCache
+from verispec.presets import default_cache_dir
 from verispec.sampling import SamplingParams
 from verispec.stats import GenerationStats
 
@@ -266,8 +267,7 @@ def stream(
     else:
         prompt_ids = encode_prompt(target.tokenizer, prompt, chat=chat)  # type: ignore[arg-type]
     if num_draft_tokens == "auto" and costs is None and drafter is not None:
-        draft_model = getattr(drafter, "model", None)  # None for prompt lookup
-        costs = costs_for(target, draft_model)
+        costs = costs_for(target, drafter.draft_model, cache_dir=default_cache_dir())
     return Generation(
         target,
         drafter,

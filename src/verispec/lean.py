@@ -24,7 +24,7 @@ import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -238,44 +238,90 @@ class LeanRunner:
         (see :func:`tree_layout`). All rows are written to the cache in input order.
         """
         n = int(ids.shape[0])
-        past = cache.length
-        cache.reserve(past + n, self.max_context)
-        tree: TreeMask | None = None
-        if parents is None:
-            cos, sin = self._rope(past, n)  # [n, head_dim]
-        else:
-            depth, rows = tree_layout(parents, n)
-            cos, sin = self._rope(past, max(depth) + 1)
-            at = torch.tensor(depth, device=self.device)
-            cos, sin = cos[at], sin[at]  # [n, head_dim]: each row at its depth
-            mask = torch.ones(n, past + n, dtype=torch.bool, device=self.device)
-            mask[:, past:] = False
-            for r, seen in enumerate(rows):
-                mask[r, [past + c for c in seen]] = True
-            # Per row, the cached and new positions it attends to, for per-query attention:
-            # None where that is one slice (a chain's prefix), else an index, built once
-            # here rather than in every layer.
-            gather = [
-                None
-                if seen == list(range(r + 1))
-                else torch.cat([torch.arange(past), torch.tensor(seen) + past]).to(self.device)
-                for r, seen in enumerate(rows)
-            ]
-            tree = TreeMask(mask=mask, gather=gather)
-        inner = self.hf.model
-        x = inner.embed_tokens(ids)  # [n, hidden]
-        if n == 1 and self._step is not None:
+        if n == 1 and parents is None and self._step is not None:
+            past = cache.length
+            cache.reserve(past + 1, self.max_context)
+            cos, sin = self._rope(past, 1)
+            x = self.hf.model.embed_tokens(ids)  # [1, hidden]
             try:
                 x = self._step(x, cos, sin, past, cache.keys, cache.values)
             except Exception as exc:  # a compiler failure must not lose a request
                 log.warning("compiled step failed; the eager pass is used from now on: %s", exc)
                 self._step = None  # the eager pass rewrites the same cache positions
                 x = self._layers(x, cos, sin, past, cache.keys, cache.values)
-        else:
-            x = self._layers(x, cos, sin, past, cache.keys, cache.values, tree)
-        cache.length = past + n
-        x = self._rms_norm(inner.norm, x[n - num_logits :])
-        return self.hf.get_output_embeddings()(x)  # [num_logits, vocab]
+            cache.length = past + 1
+            return self._head(x)
+        return self.forward_batch([cache], [ids], [num_logits], [parents])[0]
+
+    def forward_batch(
+        self,
+        caches: Sequence[LeanCache],
+        ids: Sequence[torch.Tensor],  # per sequence [n_b]
+        num_logits: Sequence[int],
+        parents: Sequence[Sequence[int] | None],
+    ) -> list[torch.Tensor]:  # per sequence [num_logits[b], vocab]
+        """Several sequences in one pass, each against its own cache (ragged, unpadded).
+
+        The rows of all sequences are packed one after another, so every linear layer
+        (nearly all of a pass's work) runs once over all of them; only attention and
+        RoPE go sequence by sequence, each at its own positions and with its own mask
+        (or tree). Example: caches of 3 and 5 positions and 2 and 1 new tokens pack 3
+        rows; rows 0-1 sit at positions 3-4 of the first cache, row 2 at position 5 of
+        the second.
+        """
+        segments: list[_Segment] = []
+        cos_parts, sin_parts = [], []
+        start = 0
+        for cache, seq_ids, tree_parents in zip(caches, ids, parents, strict=True):
+            n = int(seq_ids.shape[0])
+            past = cache.length
+            cache.reserve(past + n, self.max_context)
+            tree = None if tree_parents is None else self._tree(tree_parents, n, past)
+            if tree is None:
+                cos, sin = self._rope(past, n)  # [n, head_dim]
+            else:
+                cos, sin = self._rope(past, max(tree.depth) + 1)
+                at = torch.tensor(tree.depth, device=self.device)
+                cos, sin = cos[at], sin[at]  # [n, head_dim]: each row at its depth
+            cos_parts.append(cos)
+            sin_parts.append(sin)
+            segments.append(_Segment(start, n, past, cache.keys, cache.values, tree))
+            start += n
+        packed = ids[0] if len(ids) == 1 else torch.cat(list(ids))  # [rows]
+        x = self.hf.model.embed_tokens(packed)  # [rows, hidden]
+        cos = cos_parts[0] if len(cos_parts) == 1 else torch.cat(cos_parts)
+        sin = sin_parts[0] if len(sin_parts) == 1 else torch.cat(sin_parts)
+        x = self._run_layers(x, cos, sin, segments)
+        for cache, segment in zip(caches, segments, strict=True):
+            cache.length = segment.past + segment.n
+        if len(segments) == 1:
+            return [self._head(x[segments[0].n - num_logits[0] :])]
+        keep = [
+            torch.arange(s.start + s.n - m, s.start + s.n)
+            for s, m in zip(segments, num_logits, strict=True)
+        ]
+        logits = self._head(x[torch.cat(keep).to(self.device)])  # [sum num_logits, vocab]
+        return list(torch.split(logits, list(num_logits)))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:  # [m, hidden] -> [m, vocab]
+        return self.hf.get_output_embeddings()(self._rms_norm(self.hf.model.norm, x))
+
+    def _tree(self, parents: Sequence[int], n: int, past: int) -> TreeMask:
+        depth, rows = tree_layout(parents, n)
+        mask = torch.ones(n, past + n, dtype=torch.bool, device=self.device)
+        mask[:, past:] = False
+        for r, seen in enumerate(rows):
+            mask[r, [past + c for c in seen]] = True
+        # Per row, the cached and new positions it attends to, for per-query attention:
+        # None where that is one slice (a chain's prefix), else an index, built once
+        # here rather than in every layer.
+        gather = [
+            None
+            if seen == list(range(r + 1))
+            else torch.cat([torch.arange(past), torch.tensor(seen) + past]).to(self.device)
+            for r, seen in enumerate(rows)
+        ]
+        return TreeMask(mask=mask, gather=gather, depth=depth)
 
     def _layers(
         self,
@@ -285,59 +331,71 @@ class LeanRunner:
         past: int,  # positions already in the cache
         all_keys: list[torch.Tensor],  # per layer [kv_heads, capacity, head_dim]
         all_values: list[torch.Tensor],
-        tree: TreeMask | None = None,  # the rows form a tree (forward's ``parents``)
     ) -> torch.Tensor:  # [n, hidden]: the last layer's output
+        """One sequence's chain of new positions through the decoder layers (what
+        ``torch.compile`` takes for a draft's one-position steps)."""
+        segment = _Segment(0, int(x.shape[0]), past, all_keys, all_values, None)
+        return self._run_layers(x, cos, sin, [segment])
+
+    def _run_layers(
+        self,
+        x: torch.Tensor,  # [rows, hidden]: the new positions of every segment, packed
+        cos: torch.Tensor,  # [rows, head_dim]
+        sin: torch.Tensor,
+        segments: Sequence[_Segment],
+    ) -> torch.Tensor:  # [rows, hidden]: the last layer's output
         """The decoder layers; writes the new positions' keys and values into the cache
         tensors and touches no other state (so ``torch.compile`` can take it whole)."""
-        n = x.shape[0]
-        mask = None
-        if tree is not None:
-            mask = tree.mask
-        elif n > 1:
-            q_pos = torch.arange(past, past + n, device=self.device)[:, None]
-            mask = torch.arange(past + n, device=self.device)[None, :] <= q_pos  # [n, past + n]
+        rows = x.shape[0]
+        masks = [self._mask(s) for s in segments]
         scale = self.head_dim**-0.5
         heads, kv_heads, head_dim, gqa = self.heads, self.kv_heads, self.head_dim, self.gqa
-        per_query = self.exact_rows and 1 < n <= EXACT_ROWS_MAX
         for i, layer in enumerate(self.hf.model.layers):
             qkv_proj, gate_up_proj = self.fused[i]
             attn = layer.self_attn
             h = self._rms_norm(layer.input_layernorm, x)
             if qkv_proj is not None:  # int8 models: one call for q, k and v
-                qkv = qkv_proj(h).view(n, heads + 2 * kv_heads, head_dim).transpose(0, 1)
+                qkv = qkv_proj(h).view(rows, heads + 2 * kv_heads, head_dim).transpose(0, 1)
                 qk = self._rotate(qkv[: heads + kv_heads], cos, sin)  # RoPE on q and k at once
                 q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads :]
             else:
-                q = attn.q_proj(h).view(n, heads, head_dim).transpose(0, 1)
-                k = attn.k_proj(h).view(n, kv_heads, head_dim).transpose(0, 1)
-                v = attn.v_proj(h).view(n, kv_heads, head_dim).transpose(0, 1)
-                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)  # [heads, n, head_dim]
-            keys, values = all_keys[i], all_values[i]
-            keys[:, past : past + n] = k
-            values[:, past : past + n] = v
-            if per_query:  # the call a one-position pass makes, for each position
-                out = torch.cat(
-                    [
-                        F.scaled_dot_product_attention(
-                            q[None, :, j : j + 1].contiguous(),
-                            *self._seen(keys, values, past, j, tree),
-                            scale=scale,
-                            enable_gqa=gqa,
-                        )
-                        for j in range(n)
-                    ],
-                    dim=2,
-                )  # [1, heads, n, head_dim]
-            else:
-                out = F.scaled_dot_product_attention(
-                    q[None],
-                    keys[None, :, : past + n],
-                    values[None, :, : past + n],
-                    attn_mask=mask,
-                    scale=scale,
-                    enable_gqa=gqa,
-                )  # [1, heads, n, head_dim]
-            out = out[0].transpose(0, 1).reshape(n, heads * head_dim)
+                q = attn.q_proj(h).view(rows, heads, head_dim).transpose(0, 1)
+                k = attn.k_proj(h).view(rows, kv_heads, head_dim).transpose(0, 1)
+                v = attn.v_proj(h).view(rows, kv_heads, head_dim).transpose(0, 1)
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)  # [heads, rows, hd]
+            outs = []
+            for segment, mask in zip(segments, masks, strict=True):
+                start, n, past = segment.start, segment.n, segment.past
+                keys, values = segment.keys[i], segment.values[i]
+                keys[:, past : past + n] = k[:, start : start + n]
+                values[:, past : past + n] = v[:, start : start + n]
+                seg_q = q[:, start : start + n]  # [heads, n, head_dim]
+                if self.exact_rows and 1 < n <= EXACT_ROWS_MAX:
+                    # the call a one-position pass makes, for each position
+                    out = torch.cat(
+                        [
+                            F.scaled_dot_product_attention(
+                                seg_q[None, :, j : j + 1].contiguous(),
+                                *self._seen(keys, values, past, j, segment.tree),
+                                scale=scale,
+                                enable_gqa=gqa,
+                            )
+                            for j in range(n)
+                        ],
+                        dim=2,
+                    )  # [1, heads, n, head_dim]
+                else:
+                    out = F.scaled_dot_product_attention(
+                        seg_q[None],
+                        keys[None, :, : past + n],
+                        values[None, :, : past + n],
+                        attn_mask=mask,
+                        scale=scale,
+                        enable_gqa=gqa,
+                    )  # [1, heads, n, head_dim]
+                outs.append(out[0])
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [heads, rows, hd]
+            out = out.transpose(0, 1).reshape(rows, heads * head_dim)
             x = x + attn.o_proj(out)
             mlp = layer.mlp
             h = self._rms_norm(layer.post_attention_layernorm, x)
@@ -347,6 +405,15 @@ class LeanRunner:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             x = x + mlp.down_proj(F.silu(gate) * up)
         return x
+
+    def _mask(self, segment: _Segment) -> torch.Tensor | None:  # [n, past + n] or None
+        if segment.tree is not None:
+            return segment.tree.mask
+        if segment.n == 1:
+            return None
+        past, n = segment.past, segment.n
+        q_pos = torch.arange(past, past + n, device=self.device)[:, None]
+        return torch.arange(past + n, device=self.device)[None, :] <= q_pos
 
     @staticmethod
     def _seen(
@@ -371,6 +438,19 @@ class TreeMask:
 
     mask: torch.Tensor
     gather: list[torch.Tensor | None]
+    depth: list[int]  # each row's position past the context
+
+
+class _Segment(NamedTuple):
+    """One sequence's rows in a packed pass: rows ``start .. start + n - 1`` go to
+    positions ``past ..`` of its cache tensors (per layer)."""
+
+    start: int
+    n: int
+    past: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    tree: TreeMask | None
 
 
 def tree_layout(parents: Sequence[int], n: int) -> tuple[list[int], list[list[int]]]:

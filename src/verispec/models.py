@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,20 +41,57 @@ class ModelCache(Protocol):
 
 
 class LanguageModel(Protocol):
-    """What the engine needs from a model."""
+    """What the engine needs from a model.
+
+    ``forward_batch`` scores new tokens for several sequences at once (each its own
+    cache, ragged lengths); a model without a batched pass runs them one by one
+    (:func:`forward_each`). ``supports_tree``: ``forward_batch`` takes ``parents``
+    (token trees) and the model's caches can ``move`` a position (:class:`TreeCache`).
+    """
 
     name: str
     vocab_size: int  # width of the logits
     max_context: int
     eos_token_ids: frozenset[int]
     tokenizer: Any  # a transformers tokenizer, or None for id-only models
+    supports_tree: bool
 
-    def new_cache(self) -> ModelCache: ...
+    def new_cache(self) -> Any: ...
 
     def forward(
         self, cache: Any, tokens: list[int], *, num_logits: int | None = None
     ) -> torch.Tensor:  # [num_logits or len(tokens), vocab] float32
         ...
+
+    def forward_batch(
+        self,
+        caches: Sequence[Any],
+        tokens: Sequence[list[int]],
+        *,
+        num_logits: Sequence[int] | None = None,
+        parents: Sequence[list[int] | None] | None = None,
+    ) -> list[torch.Tensor]:  # per sequence [num_logits[b] or len(tokens[b]), vocab] float32
+        ...
+
+
+class TreeCache(ModelCache, Protocol):
+    """A cache that can copy one position over another (a verified tree's kept branch)."""
+
+    def move(self, source: int, destination: int) -> None: ...
+
+
+def forward_each(
+    model: LanguageModel,
+    caches: Sequence[Any],
+    tokens: Sequence[list[int]],
+    *,
+    num_logits: Sequence[int] | None = None,
+) -> list[torch.Tensor]:
+    """``forward_batch`` for a model that has no batched pass: one sequence at a time."""
+    counts = num_logits if num_logits is not None else [len(t) for t in tokens]
+    return [
+        model.forward(c, t, num_logits=m) for c, t, m in zip(caches, tokens, counts, strict=True)
+    ]
 
 
 @dataclass
@@ -106,19 +144,8 @@ class HFModel:
         self.max_context: int = int(getattr(config, "max_position_embeddings", 0) or 2048)
         self.device: torch.device = next(self.hf.parameters()).device
         self.kernels: str = "default"  # what verispec.kernels.optimize applied
-        self.vocab_limit: int | None = None  # a trimmed head scores only this many ids
-
-    def include_ids(self, ids: list[int]) -> None:
-        """Let a trimmed output head (``vocab_limit``) score ``ids`` too; a no-op otherwise."""
-        head = self.hf.get_output_embeddings()
-        if isinstance(head, kernels_module.TrimmedHead):
-            head.include(ids)
-
-    @property
-    def supports_tree(self) -> bool:
-        """Whether :meth:`forward` takes ``parents`` (a tree of new positions) and its
-        caches ``move`` positions: the lean runner's."""
-        return self.lean is not None
+        # forward_batch takes token trees and caches move positions: the lean runner's
+        self.supports_tree: bool = self.lean is not None
 
     def new_cache(self) -> HFCache:
         if self.lean is not None:
@@ -129,40 +156,74 @@ class HFModel:
         # position a sliding-window layer already discarded.
         return HFCache(kv=DynamicCache())
 
-    @torch.inference_mode()
     def forward(
-        self,
-        cache: HFCache,
-        tokens: list[int],
-        *,
-        num_logits: int | None = None,
-        parents: list[int] | None = None,
+        self, cache: HFCache, tokens: list[int], *, num_logits: int | None = None
     ) -> torch.Tensor:  # [num_logits or len(tokens), vocab] float32 on CPU
-        """Append ``tokens`` to ``cache`` and score them. With ``parents`` (lean runner
-        only, see :meth:`verispec.lean.LeanRunner.forward`) the tokens form a tree."""
-        if not tokens:
-            raise ValueError("forward() needs at least one token")
-        if cache.length + len(tokens) > self.max_context:
-            raise VerispecError(
-                f"{self.name}: {cache.length + len(tokens)} positions exceed the context "
-                f"window of {self.max_context}"
-            )
+        """Append ``tokens`` to ``cache`` and score (the last ``num_logits`` of) them."""
+        return self.forward_batch([cache], [tokens], num_logits=[num_logits or len(tokens)])[0]
+
+    @torch.inference_mode()
+    def forward_batch(
+        self,
+        caches: Sequence[HFCache],
+        tokens: Sequence[list[int]],
+        *,
+        num_logits: Sequence[int] | None = None,
+        parents: Sequence[list[int] | None] | None = None,
+    ) -> list[torch.Tensor]:  # per sequence [num_logits[b] or len(tokens[b]), vocab]
+        """Append ``tokens[b]`` to ``caches[b]`` for every b and score them, in one pass
+        with the lean runner (:meth:`verispec.lean.LeanRunner.forward_batch`), one by one
+        with transformers' forward. ``parents[b]`` (lean runner only) makes sequence b's
+        tokens a tree."""
+        if len(caches) != len(tokens) or not caches:
+            raise ValueError("forward_batch needs one token list per cache, and at least one")
+        counts = list(num_logits) if num_logits is not None else [len(t) for t in tokens]
+        trees = list(parents) if parents is not None else [None] * len(tokens)
+        for cache, toks, count in zip(caches, tokens, counts, strict=True):
+            if not toks:
+                raise ValueError("forward() needs at least one token")
+            if not 1 <= count <= len(toks):
+                raise ValueError(f"num_logits={count} for {len(toks)} tokens")
+            if cache.length + len(toks) > self.max_context:
+                raise VerispecError(
+                    f"{self.name}: {cache.length + len(toks)} positions exceed the context "
+                    f"window of {self.max_context}"
+                )
         if self.lean is not None:
-            ids = torch.tensor(tokens, dtype=torch.long, device=self.device)  # [n]
-            logits = self.lean.forward(cache.kv, ids, num_logits or len(tokens), parents)
-            cache.length += len(tokens)
-            return logits.float().cpu()
-        if parents is not None:
+            ids = [torch.tensor(t, dtype=torch.long, device=self.device) for t in tokens]
+            if len(caches) == 1 and trees[0] is None:
+                out = [self.lean.forward(caches[0].kv, ids[0], counts[0])]
+            else:
+                out = self.lean.forward_batch([c.kv for c in caches], ids, counts, trees)
+            for cache, toks in zip(caches, tokens, strict=True):
+                cache.length += len(toks)
+            return [logits.float().cpu() for logits in out]
+        if any(tree is not None for tree in trees):
             raise InvalidArgumentError(f"{self.name}: token trees need the lean runner")
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, n]
-        out = self.hf(
-            input_ids=ids,
-            cache=cache.kv,
-            use_cache=True,
-            logits_to_keep=num_logits or 0,
-        )
-        cache.length += len(tokens)
-        return out.logits[0].float().cpu()  # [n, vocab]
+        results = []
+        for cache, toks, count in zip(caches, tokens, counts, strict=True):
+            ids2 = torch.tensor([toks], dtype=torch.long, device=self.device)  # [1, n]
+            out2 = self.hf(input_ids=ids2, cache=cache.kv, use_cache=True, logits_to_keep=count)
+            cache.length += len(toks)
+            results.append(out2.logits[0, -count:].float().cpu())  # [count, vocab]
+        return results
+
+
+def exact_rows_limit(model: LanguageModel) -> int | None:
+    """The longest draft whose verification scores each position exactly as a pass of
+    its own would (an int8 target's per-query attention), or None when any is."""
+    if isinstance(model, HFModel) and model.lean is not None and model.lean.exact_rows:
+        from verispec.lean import EXACT_ROWS_MAX
+
+        return EXACT_ROWS_MAX - 1
+    return None
+
+
+def kernel_description(model: LanguageModel) -> str:
+    """What runs ``model`` (runner, kernels, trimmed head), for keys of measured costs."""
+    if isinstance(model, HFModel):
+        return f"{model.runner}|{model.kernels}|{model.device}"
+    return type(model).__name__
 
 
 def _eos_ids(hf: Any, tokenizer: Any) -> frozenset[int]:
@@ -198,7 +259,6 @@ def load_model(
     device: str | None = None,
     precision: str | None = None,
     kernels: str = "auto",
-    vocab_limit: int | None = None,
     runner: str = "auto",
     batch_invariant: bool = True,
     compile_steps: bool | str = False,
@@ -212,8 +272,6 @@ def load_model(
     CPUs) and bf16 on CUDA; ``int8`` (CPU) quantizes the linear layers; ``int4``
     (CPU, draft models only: needs ``batch_invariant=False``) stores them in 4 bits.
     ``kernels`` picks the CPU matmul kernels (:mod:`verispec.kernels`).
-    ``vocab_limit`` (draft models only) scores just the first N token ids plus
-    the special ones, which makes the output head N / vocab as costly.
     ``runner`` picks the forward pass: ``lean`` (:mod:`verispec.lean`, Llama
     and Qwen2), ``hf`` (transformers') or ``auto`` (lean where supported).
     ``batch_invariant=False`` lets an int8 model's rows of one pass influence each
@@ -254,10 +312,6 @@ def load_model(
         raise ModelFormatError(f"cannot load model {spec!r}: {exc}") from exc
     hf = hf.to(device)  # type: ignore[arg-type]
     hf.eval()
-    if vocab_limit is not None:
-        special = set(getattr(tokenizer, "all_special_ids", []) or [])
-        special |= set(_eos_ids(hf, tokenizer))
-        kernels_module.trim_vocabulary(hf, vocab_limit, always_keep=frozenset(special))
     applied = kernels_module.optimize(
         hf, device=device, kernels=kernels, precision=precision, batch_invariant=batch_invariant
     )
@@ -266,7 +320,6 @@ def load_model(
         hf=hf, tokenizer=tokenizer, name=name, eos_token_ids=_eos_ids(hf, tokenizer), runner=runner
     )
     model.kernels = applied + _compile_steps(model, compile_steps, device)
-    model.vocab_limit = vocab_limit
     return model
 
 

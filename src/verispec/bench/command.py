@@ -126,8 +126,8 @@ def _tiny_model(seed: int) -> Any:
 def _load(spec: str, args: argparse.Namespace, *, role: str) -> Any:
     """Load a model with the shared model options (``--precision``, ``--draft-precision``,
     ``--kernels``) as ``verispec generate`` does: the draft defaults to int4 on a CPU."""
-    from verispec.cli import compile_choice
     from verispec.models import default_device, default_draft_precision, load_model
+    from verispec.options import compile_choice
 
     device = args.device or default_device()
     precision = getattr(args, "precision", None)
@@ -141,7 +141,6 @@ def _load(spec: str, args: argparse.Namespace, *, role: str) -> Any:
             precision=precision,
             kernels=getattr(args, "kernels", "auto"),
             runner=getattr(args, "runner", "auto"),
-            vocab_limit=getattr(args, "draft_vocab", None) if role == "draft" else None,
             batch_invariant=role != "draft",
             compile_steps=compile_choice(args) if role == "draft" else False,
             progress=True,
@@ -160,11 +159,12 @@ def _load(spec: str, args: argparse.Namespace, *, role: str) -> Any:
 def calibrate(target: Any, draft: Any, max_k: int) -> dict[str, Any] | None:
     """c_verify(0..max_k) and c_draft on this machine (:func:`verispec.costs.measure_costs`)."""
     from verispec.costs import costs_for, measure_costs
+    from verispec.presets import default_cache_dir
 
     if max_k < 1:
         return None
     # The cached cost model is the one the adaptive policy ("auto") uses too.
-    costs = costs_for(target, draft)
+    costs = costs_for(target, draft, cache_dir=default_cache_dir())
     if costs.max_k < max_k:
         costs = measure_costs(target, draft, max_k=max_k)
     return {

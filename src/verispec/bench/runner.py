@@ -32,14 +32,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from verispec.bench.datasets import BenchPrompt
 from verispec.bench.peers import hf_generate
-from verispec.drafters import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
+from verispec.costs import CostModel, costs_for
+from verispec.drafters import Drafter, DraftModelDrafter, HybridDrafter, PromptLookupDrafter
 from verispec.engine import DraftLength
 from verispec.errors import InvalidArgumentError
 from verispec.generate import encode_prompt, stream
 from verispec.models import LanguageModel
 from verispec.prefix import PrefixCache
+from verispec.presets import default_cache_dir
 from verispec.sampling import SamplingParams
 
 WARMUP_TOKENS = 8
@@ -191,32 +195,37 @@ class _Unit:
 
 
 class _TimedModel:
-    """A model whose ``forward`` calls add up their wall time in ``seconds``."""
+    """A model whose passes add up their wall time in ``seconds`` (LanguageModel)."""
 
     def __init__(self, model: LanguageModel) -> None:
         self.model = model
         self.seconds = 0.0
+        self.name = model.name
+        self.vocab_size = model.vocab_size
+        self.max_context = model.max_context
+        self.eos_token_ids = model.eos_token_ids
+        self.tokenizer = model.tokenizer
+        self.supports_tree = model.supports_tree
 
-    def forward(
+    def new_cache(self) -> Any:
+        return self.model.new_cache()
+
+    def forward(self, cache: Any, tokens: list[int], *, num_logits: int | None = None) -> Any:
+        return self.forward_batch([cache], [tokens], num_logits=[num_logits or len(tokens)])[0]
+
+    def forward_batch(
         self,
-        cache: Any,
-        tokens: list[int],
+        caches: Sequence[Any],
+        tokens: Sequence[list[int]],
         *,
-        num_logits: int | None = None,
-        parents: list[int] | None = None,
-    ) -> Any:
+        num_logits: Sequence[int] | None = None,
+        parents: Sequence[list[int] | None] | None = None,
+    ) -> list[torch.Tensor]:
         start = time.perf_counter()
         try:
-            if parents is None:
-                return self.model.forward(cache, tokens, num_logits=num_logits)
-            return self.model.forward(  # type: ignore[call-arg]
-                cache, tokens, num_logits=num_logits, parents=parents
-            )
+            return self.model.forward_batch(caches, tokens, num_logits=num_logits, parents=parents)
         finally:
             self.seconds += time.perf_counter() - start
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
 
 
 class Runner:
@@ -244,12 +253,21 @@ class Runner:
         self._timed_target = _TimedModel(target)
         self._timed_draft = _TimedModel(draft) if draft is not None else None
         self._drafter = (
-            DraftModelDrafter(self._timed_draft, target=self._timed_target)  # type: ignore[arg-type]
+            DraftModelDrafter(self._timed_draft, target=self._timed_target)
             if self._timed_draft is not None
             else None
         )
         self.prefix_cache = prefix_cache
         self._prefix: dict[str, PrefixCache] = {}  # per configuration: its own last turn
+        self._costs: dict[bool, CostModel] = {}  # with / without the draft model
+
+    def costs(self, *, with_draft: bool) -> CostModel:
+        """The cost model ``-k auto`` uses (the library's, cached per machine), measured
+        on the models themselves rather than their timing wrappers."""
+        if with_draft not in self._costs:
+            draft = self.draft if with_draft else None
+            self._costs[with_draft] = costs_for(self.target, draft, cache_dir=default_cache_dir())
+        return self._costs[with_draft]
 
     def clear_prefix_caches(self) -> None:
         self._prefix.clear()
@@ -258,7 +276,7 @@ class Runner:
         draft = self._timed_draft.seconds if self._timed_draft is not None else 0.0
         return self._timed_target.seconds + draft
 
-    def _drafter_for(self, config: BenchConfig) -> Any:
+    def _drafter_for(self, config: BenchConfig) -> Drafter[Any] | None:
         if config.drafter == "lookup":
             return PromptLookupDrafter()
         if config.drafter in ("model", "hybrid"):
@@ -299,11 +317,15 @@ class Runner:
                 pass_ends=tuple(peer.pass_ends),
                 pass_tokens=tuple(peer.pass_tokens),
             )
+        drafter = self._drafter_for(config)
+        costs = None
+        if config.k == "auto" and drafter is not None:
+            costs = self.costs(with_draft=drafter.draft_model is not None)
         forward_before = self._forward_seconds()
         start = time.perf_counter()
         generation = stream(
-            self._timed_target,  # type: ignore[arg-type]
-            self._drafter_for(config),
+            self._timed_target,
+            drafter,
             list(unit.prompt_ids),
             max_new_tokens=max_new_tokens,
             temperature=params.temperature,
@@ -315,6 +337,7 @@ class Runner:
                 self._prefix.setdefault(config.name, PrefixCache()) if self.prefix_cache else None
             ),
             siblings=config.siblings,
+            costs=costs,
         )
         ends: list[float] = []
         counts: list[int] = []

@@ -1,7 +1,7 @@
 """``verispec serve``: an OpenAI-compatible server with continuous batching and batched speculation.
 
-- :mod:`verispec.server.scheduler`: the worker thread that batches sequences between target passes;
-- :mod:`verispec.server.policy`: how many tokens each sequence drafts, per batch;
+- :mod:`verispec.server.scheduler`: the worker thread that admits, steps (with the library's
+  :func:`verispec.engine.step`), delivers and cancels requests;
 - :mod:`verispec.server.app`: the FastAPI routes; :mod:`verispec.server.schemas` their bodies;
 - :mod:`verispec.server.metrics`: Prometheus metrics; :mod:`verispec.server.command`: the CLI.
 

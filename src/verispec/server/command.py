@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from verispec.cli import add_pair_options, draft_length
 from verispec.errors import InvalidArgumentError
 
-DEFAULT_MAX_K = 8  # longest draft the "auto" policy may choose
+if TYPE_CHECKING:
+    from verispec.drafters import Drafter
+    from verispec.engine import DraftLength
+    from verispec.models import LanguageModel
+    from verispec.server.scheduler import Scheduler
+from verispec.options import add_pair_options, draft_length
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-k",
         type=draft_length,
         default="auto",
-        help="draft length: auto (default) chooses one per batch, up to "
-        f"{DEFAULT_MAX_K}, from measured pass costs and running acceptance (none where it "
-        "does not pay); N drafts N tokens always (0: no speculation)",
+        help="draft length: auto (default) chooses one per sequence and pass, as the library "
+        "does, from this machine's measured pass costs and the running acceptance (none where "
+        "it does not pay); N drafts N tokens always (0: no speculation)",
     )
     parser.add_argument("--ngram", type=int, default=3, help="longest n-gram for prompt lookup")
     parser.add_argument("--host", default="127.0.0.1")
@@ -62,35 +68,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_scheduler(
-    target: Any,
-    drafter: Any,
+    target: LanguageModel,
+    drafters: Mapping[str, Drafter[Any] | None],
     *,
+    default: str,
     max_batch: int,
     max_queue: int,
-    num_draft_tokens: int | str,
+    num_draft_tokens: DraftLength,
     prefix_cache: int = 0,
-) -> Any:
-    """A :class:`Scheduler` with the draft-length policy asked for ("auto" measures pass costs)."""
+    cache_dir: Path | None = None,
+) -> Scheduler:
+    """A :class:`Scheduler` over the drafters; ``"auto"`` draft lengths use the same
+    per-machine cost model as the library (:func:`verispec.costs.costs_for`)."""
+    from verispec.costs import costs_for
+    from verispec.presets import default_cache_dir
     from verispec.server.metrics import Metrics
-    from verispec.server.policy import BatchCostPolicy, measure_batch_costs
     from verispec.server.scheduler import Scheduler
 
-    auto = num_draft_tokens == "auto"
-    k = DEFAULT_MAX_K if auto else int(num_draft_tokens)
-    scheduler = Scheduler(
+    drafter = drafters[default]
+    costs = None
+    if num_draft_tokens == "auto" and drafter is not None:
+        costs = costs_for(target, drafter.draft_model, cache_dir=cache_dir or default_cache_dir())
+    return Scheduler(
         target,
-        drafter,
+        drafters,
+        default=default,
         max_batch=max_batch,
         max_queue=max_queue,
-        num_draft_tokens=k,
+        num_draft_tokens=num_draft_tokens,
+        costs=costs,
         metrics=Metrics(),
         prefix_cache=prefix_cache,
     )
-    if auto and drafter is not None:
-        draft_model = getattr(scheduler.drafter, "model", None)
-        costs = measure_batch_costs(scheduler.target, draft_model, max_batch=max_batch, max_k=k)
-        scheduler.policy = BatchCostPolicy(costs, max_k=k)
-    return scheduler
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             f"verispec serve needs the server extra ({exc.name} is missing): "
             "pip install 'verispec[server]'"
         ) from exc
-    from verispec.cli import load_pair
+    from verispec.options import load_pair
 
     for name in ("max_batch", "max_tokens", "max_tokens_limit"):
         if getattr(args, name) < 1:
@@ -116,22 +125,22 @@ def run(args: argparse.Namespace) -> int:
     if k != "auto" and not 0 <= k <= 64:
         raise InvalidArgumentError(f"--num-draft-tokens must be auto or 0..64, got {k}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "draft_compile", "auto") == "auto":
-        # The scheduler drafts for all sequences in batched passes (transformers' forward
-        # over pooled caches), never through the lean one-position steps compiling speeds up.
-        args.draft_compile = "off"
-    target, drafter = load_pair(args, progress=True)
-    if k == 0:
-        drafter = None
-    if k == "auto" and drafter is not None:
-        print("measuring pass costs for the draft-length policy ...", file=sys.stderr)
+    target, drafters = load_pair(args, progress=True)
+    default = "none" if k == 0 else args.drafter
+    if k == "auto" and drafters[default] is not None:
+        print(
+            "pass costs for the draft-length policy (measured once per machine) ...",
+            file=sys.stderr,
+        )
     scheduler = build_scheduler(
         target,
-        drafter,
+        drafters,
+        default=default,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
-        num_draft_tokens=k,
+        num_draft_tokens="auto" if k == 0 else k,
         prefix_cache=args.prefix_cache,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
     )
     app = create_app(
         scheduler,

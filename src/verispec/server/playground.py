@@ -10,15 +10,14 @@ settings from ``GET /playground/config``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from verispec.drafters import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
-from verispec.server.policy import BatchCostPolicy
+from verispec.server.scheduler import Scheduler
 
 STATIC = Path(__file__).parent / "static"
 
@@ -40,21 +39,9 @@ class PlaygroundConfig(BaseModel):
     api_key: bool = Field(description="Requests need 'Authorization: Bearer <key>'")
 
 
-def _drafter_kind(drafter: Any) -> str:
-    if drafter is None:
-        return "none"
-    if isinstance(drafter, DraftModelDrafter):
-        return "model"
-    if isinstance(drafter, PromptLookupDrafter):
-        return "prompt-lookup"
-    if isinstance(drafter, HybridDrafter):
-        return "hybrid"
-    return str(getattr(drafter, "name", type(drafter).__name__))
-
-
 def add_playground(
     app: FastAPI,
-    scheduler: Any,  # verispec.server.scheduler.Scheduler
+    scheduler: Scheduler,
     *,
     model_name: str,
     max_tokens: int,
@@ -62,16 +49,15 @@ def add_playground(
     api_key_required: bool,
 ) -> None:
     """Serve the page at ``/``, its assets under ``/playground/`` and its settings."""
-    draft_model = getattr(scheduler.drafters.get("model"), "model", None)
+    drafter = scheduler.drafter
+    draft_model = drafter.draft_model if drafter is not None else None
     config = PlaygroundConfig(
         model=model_name,
-        target=str(getattr(scheduler.target, "name", model_name)),
-        draft=None if draft_model is None else str(draft_model.name),
-        drafter=_drafter_kind(scheduler.drafter),
+        target=scheduler.target.name,
+        draft=None if draft_model is None else draft_model.name,
+        drafter=scheduler.default,
         drafters=sorted(scheduler.drafters),
-        num_draft_tokens="auto"
-        if isinstance(scheduler.policy, BatchCostPolicy)
-        else scheduler.max_k,
+        num_draft_tokens=scheduler.num_draft_tokens if drafter is not None else 0,
         max_tokens=max_tokens,
         max_tokens_limit=max_tokens_limit,
         chat=bool(getattr(scheduler.target.tokenizer, "chat_template", None)),

@@ -1,0 +1,135 @@
+"""Command-line options shared by ``verispec generate``, ``bench`` and ``serve``, and
+loading the models they name."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from verispec.drafters import Drafter
+    from verispec.models import LanguageModel
+
+
+def int_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def draft_length(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def float_arg(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def add_pair_options(
+    parser: argparse.ArgumentParser,
+    *,
+    drafters: list[str],
+    drafter_help: str,
+    default_drafter: str = "model",
+) -> None:
+    """--target, --draft and --drafter, shared by the commands that generate."""
+    from verispec import presets
+
+    parser.add_argument(
+        "--target", default=presets.DEFAULT_TARGET, help="preset, local folder, GGUF file or hub id"
+    )
+    parser.add_argument(
+        "--draft", default=presets.DEFAULT_DRAFT, help="draft model for --drafter model or hybrid"
+    )
+    parser.add_argument("--drafter", choices=drafters, default=default_drafter, help=drafter_help)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that loads models."""
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16", "int8"],
+        default=None,
+        help="target precision (default: fp32 on CPU, bf16 on CUDA); int8 changes the output "
+        "(to plain int8 decoding's, which speculation then reproduces)",
+    )
+    parser.add_argument(
+        "--draft-precision",
+        choices=["fp32", "bf16", "fp16", "int8", "int4"],
+        default=None,
+        help="draft precision (default: int4 on CPU, bf16 on CUDA); never changes the output, "
+        "only the acceptance rate",
+    )
+    parser.add_argument(
+        "--draft-compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="run the draft's decoding steps through torch.compile (auto: an int4 draft on a CPU "
+        "with a C++ compiler, where it saves a sixth of each step; compiling takes seconds once "
+        "cached, about a minute the first time); never changes the output",
+    )
+    parser.add_argument(
+        "--kernels",
+        choices=["auto", "default", "onednn"],
+        default="auto",
+        help="CPU matmul kernels (auto: oneDNN prepacked fp32 where available)",
+    )
+    parser.add_argument(
+        "--runner",
+        choices=["auto", "lean", "hf"],
+        default="auto",
+        help="forward pass: lean (verispec's loop over the model's modules, Llama/Qwen2), "
+        "hf (transformers') or auto (lean where supported)",
+    )
+
+
+def compile_choice(args: argparse.Namespace) -> bool | str:
+    """``--draft-compile`` as ``load_model(compile_steps=...)`` takes it."""
+    return {"on": True, "off": False}.get(getattr(args, "draft_compile", "auto"), "auto")
+
+
+def load_pair(
+    args: argparse.Namespace, *, progress: bool
+) -> tuple[LanguageModel, dict[str, Drafter[Any] | None]]:
+    """Load the target (and the draft model where ``--drafter`` needs one); the drafters
+    by name (:func:`verispec.drafters.drafter_menu`)."""
+    from verispec.drafters import drafter_menu
+    from verispec.models import default_device, default_draft_precision, load_model
+
+    device = args.device or default_device()
+    common = {
+        "cache_dir": args.cache_dir,
+        "device": device,
+        "kernels": args.kernels,
+        "runner": args.runner,
+    }
+    target = load_model(args.target, precision=args.precision, progress=progress, **common)
+    draft = None
+    if args.drafter in ("model", "hybrid"):
+        draft_precision = args.draft_precision or default_draft_precision(device)
+        draft = load_model(
+            args.draft,
+            precision=draft_precision,
+            batch_invariant=False,  # a draft's scores never change the output
+            compile_steps=compile_choice(args),
+            progress=progress,
+            **common,
+        )
+    return target, drafter_menu(target, draft, ngram=args.ngram)
+
+
+def draft_kernels(drafter: Drafter[Any] | None) -> str | None:
+    """What runs the draft model behind ``drafter`` (None without one)."""
+    from verispec.models import kernel_description
+
+    model = drafter.draft_model if drafter is not None else None
+    return kernel_description(model) if model is not None else None
