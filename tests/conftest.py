@@ -24,3 +24,52 @@ def chat_server(chat_target):
 
     with tiny_server(chat_target) as running:
         yield running
+
+
+# -- passes and drafters (test_hints.py, test_prefix.py, test_distribution.py) -------------
+
+
+class CountingModel:
+    """A model wrapper that records how many tokens each pass scores, per sequence:
+    ``fed`` one entry per sequence of every ``forward`` / ``forward_batch`` call,
+    ``calls`` one list per call."""
+
+    def __init__(self, model):
+        self.model = model
+        self.fed: list[int] = []
+        self.calls: list[list[int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward(self, cache, tokens, *, num_logits=None):
+        counts = None if num_logits is None else [num_logits]
+        return self.forward_batch([cache], [tokens], num_logits=counts)[0]
+
+    def forward_batch(self, caches, tokens, *, num_logits=None, parents=None):
+        self.calls.append([len(t) for t in tokens])
+        self.fed.extend(len(t) for t in tokens)
+        return self.model.forward_batch(caches, tokens, num_logits=num_logits, parents=parents)
+
+
+@pytest.fixture
+def counting():
+    """``counting(model)``: ``model`` wrapped so that its passes are recorded
+    (:class:`CountingModel`; subclass ``counting`` itself to change a pass)."""
+    return CountingModel
+
+
+@pytest.fixture
+def model_only_hybrid():
+    """A :class:`~verispec.drafters.HybridDrafter` class whose route never takes the
+    prompt lookup: its draft model drafts every pass, with the lookup's continuation as
+    the hint."""
+    from verispec.drafters import HybridDrafter
+
+    class ModelOnlyHybrid(HybridDrafter):
+        def route(self, request):
+            if request.policy is None:
+                return None, request.k
+            return None, min(request.policy.choose(), request.k)
+
+    return ModelOnlyHybrid

@@ -105,7 +105,9 @@ def test_hybrid_speculation_is_distribution_exact() -> None:
     assert tv < threshold, f"TV {tv:.4f} >= threshold {threshold:.4f}"
 
 
-def test_hinted_drafts_are_distribution_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hinted_drafts_are_distribution_exact(
+    monkeypatch: pytest.MonkeyPatch, model_only_hybrid
+) -> None:
     """The draft model drafts every pass with the prompt lookup's continuation as a hint,
     always fed (sampled hint tokens kept as often as the draft's probability allows,
     ``sample_preferring``). Four tokens (625 sequences), the same threshold rule."""
@@ -113,7 +115,6 @@ def test_hinted_drafts_are_distribution_exact(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(drafters_module, "HINT_MIN_AGREEMENT", 0.0)
     monkeypatch.setattr(drafters_module, "HINT_MIN_TOKENS", 1)
-    monkeypatch.setattr(drafters_module._HybridProposer, "_winning_lookup", lambda *a, **k: None)
     kept: list[bool] = []
     real = drafters_module.sample_preferring
 
@@ -124,7 +125,7 @@ def test_hinted_drafts_are_distribution_exact(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(drafters_module, "sample_preferring", counted)
     target, draft = TableModel(VOCAB, seed=10), TableModel(VOCAB, seed=11)
-    drafter = HybridDrafter(DraftModelDrafter(draft, target=target), max_ngram=2, min_ngram=1)
+    drafter = model_only_hybrid(DraftModelDrafter(draft, target=target), max_ngram=2, min_ngram=1)
     tv, threshold = _empirical_tv(target, drafter, PARAMS[0], 3, length=4)
     assert tv < threshold, f"TV {tv:.4f} >= threshold {threshold:.4f}"
     # Hint tokens were both kept and replaced often (the rule was really exercised).
@@ -138,18 +139,19 @@ def test_drafts_stopped_by_confidence_are_distribution_exact(
     its own sampled token says one more does not pay, so the draft length depends on
     the tokens drafted. Four tokens (625 sequences, same method and threshold rule):
     after the first token two may be drafted, so drafts of both lengths occur."""
-    from verispec.costs import AdaptiveDraftLength, CostModel
+    from verispec.costs import CostModel
+    from verispec.policy import DraftPolicy
 
     flat = CostModel(c_verify=(1.0,) * 9, c_draft=0.3)
-    monkeypatch.setattr(AdaptiveDraftLength, "observe_time", lambda *a, **k: None)
+    monkeypatch.setattr(DraftPolicy, "observe_time", lambda *a, **k: None)
     decisions: list[bool] = []
-    keep = AdaptiveDraftLength.keep_drafting
+    keep = DraftPolicy.keep_drafting
 
     def counted(self, confidences):
         decisions.append(keep(self, confidences))
         return decisions[-1]
 
-    monkeypatch.setattr(AdaptiveDraftLength, "keep_drafting", counted)
+    monkeypatch.setattr(DraftPolicy, "keep_drafting", counted)
     target, draft = TableModel(VOCAB, seed=10), TableModel(VOCAB, seed=11)
     drafter = DraftModelDrafter(draft, target=target)
     tv, threshold = _empirical_tv(target, drafter, PARAMS[0], "auto", length=4, costs=flat)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 import torch
 from helpers import TableModel, plain_greedy, tiny_llama
 
-from verispec.drafters import Draft, DraftModelDrafter, HybridDrafter, PromptLookupDrafter
+from verispec.drafters import (
+    Draft,
+    DraftModelDrafter,
+    DraftRequest,
+    HybridDrafter,
+    PromptLookupDrafter,
+    StatelessDrafter,
+)
 from verispec.engine import speculate
 from verispec.errors import InvalidArgumentError, PromptTooLongError
 from verispec.generate import generate
@@ -22,7 +27,7 @@ def target():
     return tiny_llama(seed=0)
 
 
-class HostileDrafter:
+class HostileDrafter(StatelessDrafter):
     """Proposes, at every position, a token the target's greedy choice is not."""
 
     name = "hostile"
@@ -30,13 +35,10 @@ class HostileDrafter:
     def __init__(self, target) -> None:
         self.target = target
 
-    def start(self) -> HostileDrafter:
-        return self
-
-    def propose(self, context: Sequence[int], k: int, *, params, generator) -> Draft:
-        tokens = list(context)
+    def propose(self, request: DraftRequest) -> Draft:
+        tokens = list(request.context)
         out = []
-        for _ in range(k):
+        for _ in range(request.k):
             best = int(self.target.forward(self.target.new_cache(), tokens)[-1].argmax())
             wrong = (best + 1) % self.target.vocab_size
             out.append(wrong)
@@ -200,29 +202,21 @@ def test_sampling_with_a_seed_repeats(target) -> None:
     assert SamplingParams(temperature=0.9).greedy is False
 
 
-def test_the_prompt_pass_gives_the_first_token(target, monkeypatch) -> None:
+def test_the_prompt_pass_gives_the_first_token(target, counting) -> None:
     """No one-token pass stands between the prompt and the first token: plain decoding of
     n tokens is one pass over the whole prompt, then n - 1 one-token passes."""
-    fed: list[int] = []
-    forward = type(target).forward
-
-    def spy(self, cache, tokens, **kw):
-        if self is target:
-            fed.append(len(tokens))
-        return forward(self, cache, tokens, **kw)
-
-    monkeypatch.setattr(type(target), "forward", spy)
-    result = generate(target, None, PROMPT, max_new_tokens=5)
-    assert fed == [len(PROMPT), 1, 1, 1, 1]
+    counted = counting(target)
+    result = generate(counted, None, PROMPT, max_new_tokens=5)
+    assert counted.fed == [len(PROMPT), 1, 1, 1, 1]
     assert result.token_ids == plain_greedy(target, PROMPT, 5)
     stats = result.stats
     assert stats.target_passes == 5 and stats.passes_by_draft_length == [5]
     assert 0 < stats.time_prefill == stats.time_to_first_token <= stats.time_total
-    fed.clear()
-    one = generate(target, None, [7], max_new_tokens=1)  # a one-token prompt, one new token
-    assert fed == [1] and one.finish_reason == "length" and len(one.token_ids) == 1
+    counted.fed.clear()
+    one = generate(counted, None, [7], max_new_tokens=1)  # a one-token prompt, one new token
+    assert counted.fed == [1] and one.finish_reason == "length" and len(one.token_ids) == 1
     # Speculative decoding drafts after the prompt pass's token: [t1, d1, d2] next.
-    fed.clear()
-    drafter = DraftModelDrafter(tiny_llama(seed=0), target=target)
-    generate(target, drafter, PROMPT, max_new_tokens=4, num_draft_tokens=2)
-    assert fed[:2] == [len(PROMPT), 3]
+    counted.fed.clear()
+    drafter = DraftModelDrafter(tiny_llama(seed=0), target=counted)
+    generate(counted, drafter, PROMPT, max_new_tokens=4, num_draft_tokens=2)
+    assert counted.fed[:2] == [len(PROMPT), 3]

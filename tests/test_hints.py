@@ -1,5 +1,5 @@
 """Hinted drafting: the draft model scores a prompt lookup's continuation in one pass and
-keeps it as far as it agrees with its own tokens (``_DraftModelProposer.propose(hint=)``)."""
+keeps it as far as it agrees with its own tokens (``DraftRequest.hint``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from test_tree import _pair
 
 from verispec import drafters as drafters_module
 from verispec.costs import CostModel
-from verispec.drafters import DraftModelDrafter, HybridDrafter
+from verispec.drafters import DraftModelDrafter, DraftRequest
 from verispec.generate import generate
 from verispec.models import HFModel
 from verispec.sampling import SamplingParams
@@ -21,21 +21,6 @@ GREEDY = SamplingParams()
 # Verification a little dearer per position, drafting cheap: long model drafts pay.
 COSTS = CostModel(c_verify=tuple(1.0 + 0.05 * k for k in range(17)), c_draft=0.05)
 CONTEXT = list(range(5, 45))
-
-
-class Counting:
-    """A model wrapper that counts forward passes and the rows they score."""
-
-    def __init__(self, model: HFModel) -> None:
-        self.model = model
-        self.passes: list[int] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-    def forward(self, cache: Any, tokens: list[int], **kwargs: Any) -> torch.Tensor:
-        self.passes.append(len(tokens))
-        return self.model.forward(cache, tokens, **kwargs)
 
 
 def _proposer(draft: Any, target: HFModel, *, trusted: bool) -> Any:
@@ -47,29 +32,29 @@ def _proposer(draft: Any, target: HFModel, *, trusted: bool) -> Any:
 
 def _draft(proposer: Any, k: int, hint: list[int] = (), context: list[int] = CONTEXT) -> Any:
     gen = torch.Generator().manual_seed(0)
-    return proposer.propose(context, k, params=GREEDY, generator=gen, hint=hint)
+    return proposer.propose(DraftRequest(context, k, GREEDY, gen, hint=hint))
 
 
 @pytest.mark.parametrize("wrong_at", [None, 0, 3], ids=["right", "wrong-first", "wrong-fourth"])
-def test_a_hinted_draft_equals_the_step_by_step_draft(wrong_at: int | None) -> None:
+def test_a_hinted_draft_equals_the_step_by_step_draft(counting, wrong_at: int | None) -> None:
     target, draft_model = _pair()
     k = 8
     plain = _draft(_proposer(draft_model, target, trusted=False), k)
     hint = list(plain.tokens[: k - 1])
     if wrong_at is not None:
         hint[wrong_at] = (hint[wrong_at] + 1) % target.vocab_size
-    counting = Counting(draft_model)
-    proposer = _proposer(counting, target, trusted=True)
+    counted = counting(draft_model)
+    proposer = _proposer(counted, target, trusted=True)
     hinted = _draft(proposer, k, hint)
     assert hinted.tokens == plain.tokens
-    assert counting.passes[0] == len(CONTEXT) + len(hint)  # the context and the whole hint
+    assert counted.fed[0] == len(CONTEXT) + len(hint)  # the context and the whole hint
     if wrong_at is None:
         # Every token read off the one pass: k - 1 hint rows and the row after them.
-        assert len(counting.passes) == 1 and hinted.hinted == k
+        assert len(counted.fed) == 1 and hinted.hinted == k
     else:
         # Rows up to the disagreement, then one step per remaining token.
         assert hinted.hinted == wrong_at + 1
-        assert counting.passes[1:] == [1] * (k - wrong_at - 1)
+        assert counted.fed[1:] == [1] * (k - wrong_at - 1)
     # The cache holds the context and all drafted tokens but the last, as step by step.
     assert proposer.cached == CONTEXT + plain.tokens[:-1]
     assert proposer.cache.length == len(proposer.cached)
@@ -80,30 +65,30 @@ def test_a_hinted_draft_equals_the_step_by_step_draft(wrong_at: int | None) -> N
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
-def test_hints_are_fed_only_while_they_agree_with_the_draft_model() -> None:
+def test_hints_are_fed_only_while_they_agree_with_the_draft_model(counting) -> None:
     target, draft_model = _pair()
-    counting = Counting(draft_model)
-    proposer = _proposer(counting, target, trusted=False)
+    counted = counting(draft_model)
+    proposer = _proposer(counted, target, trusted=False)
     own = _draft(_proposer(draft_model, target, trusted=False), 8).tokens
     assert proposer.hint_agreement < drafters_module.HINT_MIN_AGREEMENT  # not trusted at first
     _draft(proposer, 8, own[:7])
-    assert counting.passes[0] == len(CONTEXT)  # watched, not fed
+    assert counted.fed[0] == len(CONTEXT)  # watched, not fed
     assert proposer.hint_agreement > drafters_module.HINT_MIN_AGREEMENT
-    counting.passes.clear()
+    counted.fed.clear()
     _draft(proposer, 8, own[:7])
-    assert counting.passes == [8]  # now fed: one pass for the whole draft
+    assert counted.fed == [8]  # now fed: one pass for the whole draft
     wrong = [(t + 1) % target.vocab_size for t in own[:7]]
     for _ in range(4):  # hints that disagree at once stop being fed
         _draft(proposer, 8, wrong)
-    counting.passes.clear()
+    counted.fed.clear()
     _draft(proposer, 8, wrong)
     assert proposer.hint_agreement < drafters_module.HINT_MIN_AGREEMENT
-    assert counting.passes[0] == 1
+    assert counted.fed[0] == 1
     # Hints too short to pay are not fed either.
     proposer.hint_agreement = 1.0
-    counting.passes.clear()
+    counted.fed.clear()
     _draft(proposer, 8, own[:1])
-    assert counting.passes[0] == 1
+    assert counted.fed[0] == 1
 
 
 def _counting_table(seed: int) -> TableModel:
@@ -119,15 +104,14 @@ def _counting_table(seed: int) -> TableModel:
     return model
 
 
-def test_hybrid_greedy_with_hints_equals_plain_greedy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hybrid_greedy_with_hints_equals_plain_greedy(model_only_hybrid) -> None:
     # The draft model drafts every pass (a free lookup never wins the route here), with
     # the lookup's continuation as its hint: hinted drafts, accepted or not, across a
     # whole generation.
-    monkeypatch.setattr(drafters_module._HybridProposer, "_winning_lookup", lambda *a, **k: None)
     target = _counting_table(1)
     draft = _counting_table(1)
     draft.table += 0.5 * torch.randn(draft.table.shape, generator=torch.Generator().manual_seed(2))
-    drafter = HybridDrafter(DraftModelDrafter(draft, target=target))
+    drafter = model_only_hybrid(DraftModelDrafter(draft, target=target))
     hinted = rejected = 0
     for seed in range(3):
         ids = torch.randint(0, 16, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -155,10 +139,9 @@ def test_sample_preferring_keeps_the_distribution() -> None:
     assert drafters_module.sample_preferring(certain, 1, gen) == 1
 
 
-def test_sampled_hybrid_feeds_hints_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(drafters_module._HybridProposer, "_winning_lookup", lambda *a, **k: None)
+def test_sampled_hybrid_feeds_hints_too(model_only_hybrid) -> None:
     target = _counting_table(1)
-    drafter = HybridDrafter(DraftModelDrafter(_counting_table(1), target=target))
+    drafter = model_only_hybrid(DraftModelDrafter(_counting_table(1), target=target))
     result = generate(
         target, drafter, [3, 9, 1, 4], max_new_tokens=64, num_draft_tokens=8,
         temperature=0.3, seed=0,

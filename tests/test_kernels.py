@@ -18,7 +18,6 @@ from verispec.kernels import (
     int4_available,
     onednn_available,
     optimize,
-    trim_vocabulary,
 )
 from verispec.models import HFModel
 
@@ -158,62 +157,12 @@ def test_int4_is_refused_for_targets_and_gpus() -> None:
         optimize(model.hf, device="cuda", precision="int4", batch_invariant=False)
 
 
-def test_trimmed_draft_vocabulary_is_lossless_and_scores_only_kept_ids() -> None:
-    target = tiny_llama(seed=0)
-    draft = _clone(target)
-    kept = trim_vocabulary(draft.hf, 64, always_keep={256})
-    assert kept == 65
-    logits = draft.forward(draft.new_cache(), PROMPT)
-    assert torch.isinf(logits[:, 64:256]).all() and torch.isfinite(logits[:, :64]).all()
-    full = target.forward(target.new_cache(), PROMPT)
-    torch.testing.assert_close(logits[:, :64], full[:, :64], atol=1e-5, rtol=1e-5)
-    for temperature in (0.0, 0.8):
-        result = generate(
-            target,
-            DraftModelDrafter(draft, target=target),
-            PROMPT,
-            max_new_tokens=25,
-            num_draft_tokens=3,
-            temperature=temperature,
-            seed=1,
-        )
-        if temperature == 0.0:
-            assert result.token_ids == plain_greedy(target, PROMPT, 25)
-        assert all(0 <= t < target.vocab_size for t in result.token_ids)
-
-
-def test_trimmed_head_scores_the_context_ids_it_is_given() -> None:
-    target = tiny_llama(seed=0)
-    draft = _clone(target)
-    trim_vocabulary(draft.hf, 64, always_keep=set())
-    head = draft.hf.get_output_embeddings()
-    head.max_extra = 3
-    draft.include_ids([200, 70, 5, 70, -1, 10_000])  # 5 is kept already; -1, 10_000 ignored
-    assert head.extra_ids.tolist() == [70, 200] and head.num_scored == 66
-    logits = draft.forward(draft.new_cache(), PROMPT)
-    full = target.forward(target.new_cache(), PROMPT)
-    for i in (5, 70, 200):
-        torch.testing.assert_close(logits[:, i], full[:, i], atol=1e-5, rtol=1e-5)
-    assert torch.isinf(logits[:, 71:200]).all()
-    draft.include_ids([210, 211])  # one slot left
-    assert head.extra_ids.tolist() == [70, 200, 210]
-    # A draft model proposer tells the head the ids of the context it drafts for.
-    draft2 = _clone(target)
-    trim_vocabulary(draft2.hf, 64, always_keep=set())
-    prompt = [*PROMPT, 120, 121, 122]
-    generate(target, DraftModelDrafter(draft2, target=target), prompt, max_new_tokens=4)
-    extras = set(draft2.hf.get_output_embeddings().extra_ids.tolist())
-    assert {t for t in prompt if t >= 64} <= extras
-
-
 def test_bad_kernel_choices_are_refused() -> None:
     model = tiny_llama(seed=0)
     with pytest.raises(InvalidArgumentError, match="kernels"):
         optimize(model.hf, device="cpu", kernels="magic")
     with pytest.raises(InvalidArgumentError, match="precision"):
         optimize(model.hf, device="cpu", precision="int4")
-    with pytest.raises(InvalidArgumentError, match="vocabulary size"):
-        trim_vocabulary(model.hf, 0, always_keep=set())
 
 
 @pytest.mark.skipif(not onednn_available(), reason="PyTorch built without oneDNN")

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import plain_greedy
+from helpers import plain_greedy, tiny_llama
 
 from verispec.drafters import DraftModelDrafter
 from verispec.errors import InvalidArgumentError
@@ -268,21 +268,39 @@ def test_speculative_greedy_equals_plain_greedy_with_a_compiled_draft() -> None:
     _speculate_with_perturbed_draft(compile_draft=True)
 
 
-def test_a_failing_compiled_step_falls_back_to_the_eager_pass() -> None:
+def test_a_failing_compiled_step_falls_back_to_the_eager_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A compiled step that compiles (and warms up) but fails at run time: the step is
+    scored by the eager pass, and the eager pass is used from then on."""
+    from verispec import lean
+
+    failing = {"armed": False, "calls": 0}
+
+    def compile_that_breaks_later(fn: Any, **kwargs: Any) -> Any:
+        def step(*args: Any) -> torch.Tensor:
+            failing["calls"] += 1
+            if failing["armed"]:
+                raise RuntimeError("compiler crashed")
+            return fn(*args)
+
+        return step
+
+    monkeypatch.setattr(torch, "compile", compile_that_breaks_later)
+    monkeypatch.setattr(lean.shutil, "which", lambda name: f"/usr/bin/{name}")
     model = HFModel(hf=_llama(), tokenizer=None, name="m")
     reference = HFModel(hf=model.hf, tokenizer=None, name="ref")
-    assert model.lean is not None
-
-    def broken(*args: Any) -> torch.Tensor:
-        raise RuntimeError("compiler crashed")
-
-    model.lean._step = broken  # what a compile that fails at run time looks like
+    assert model.lean is not None and model.lean.compile_steps() is None
+    failing["armed"] = True
     cache, ref_cache = model.new_cache(), reference.new_cache()
     model.forward(cache, [1, 2, 3])
     reference.forward(ref_cache, [1, 2, 3])
+    calls = failing["calls"]
     torch.testing.assert_close(model.forward(cache, [4]), reference.forward(ref_cache, [4]))
-    assert model.lean._step is None  # and the eager pass is used from then on
+    assert failing["calls"] == calls + 1  # the compiled step was tried, and failed
     torch.testing.assert_close(model.forward(cache, [5]), reference.forward(ref_cache, [5]))
+    assert failing["calls"] == calls + 1  # and not tried again
+    assert cache.length == ref_cache.length == 5
 
 
 def test_compile_steps_choices_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -315,3 +333,56 @@ def test_auto_compiles_int4_models_only() -> None:
         kernels.use_onednn(model.hf)
         with pytest.raises(InvalidArgumentError, match="oneDNN"):
             _compile_steps(model, True, "cpu")
+
+
+def test_forward_batch_scores_ragged_sequences_and_a_tree_as_each_alone() -> None:
+    """One packed pass over three sequences with different cache lengths and numbers of
+    new tokens (a one-token step, a prompt pass asking for its last two rows, and a
+    token tree) gives each sequence the logits of its own pass (fp32, within 1e-4),
+    and leaves each cache holding its own tokens at the right length."""
+    model = tiny_llama(seed=0)
+    assert model.lean is not None and model.supports_tree
+    vocab = model.vocab_size
+    contexts = [list(range(10, 22)), [], list(range(40, 70))]  # 12, 0 and 30 cached
+    new = [[5], [3, 1, 4, 1, 5], [7, 40, 41, 42, 90, 91]]
+    parents = [None, None, [-1, 0, 1, 2, 0, 2]]  # a chain of 4 and siblings of rows 1, 3
+    paths = [[7], [7, 40], [7, 40, 41], [7, 40, 41, 42], [7, 90], [7, 40, 41, 91]]
+    num_logits = [1, 2, 6]
+    caches = []
+    for context in contexts:
+        cache = model.new_cache()
+        if context:
+            model.forward(cache, context)
+        caches.append(cache)
+    rows: list[int] = []
+    hook = model.hf.model.embed_tokens.register_forward_hook(
+        lambda module, args, out: rows.append(int(args[0].numel()))
+    )
+    try:
+        got = model.forward_batch(caches, new, num_logits=num_logits, parents=parents)
+    finally:
+        hook.remove()
+    assert rows == [sum(len(t) for t in new)]  # one pass over all 12 rows, packed
+    assert [tuple(g.shape) for g in got] == [(m, vocab) for m in num_logits]
+    for cache, context, tokens in zip(caches, contexts, new, strict=True):
+        assert cache.length == cache.kv.length == len(context) + len(tokens)
+    # Each chain as its own forward over the same cache.
+    for b in (0, 1):
+        alone = model.new_cache()
+        if contexts[b]:
+            model.forward(alone, contexts[b])
+        want = model.forward(alone, new[b], num_logits=num_logits[b])
+        torch.testing.assert_close(got[b], want, atol=1e-4, rtol=0)
+    # Each tree row as the forward of its own path.
+    for row, path in enumerate(paths):
+        want = model.forward(model.new_cache(), contexts[2] + path)[-1]
+        torch.testing.assert_close(got[2][row], want, atol=1e-4, rtol=0)
+    # The caches hold each sequence's own keys and values: the next token of each
+    # (the tree's cut back to its chain) scores as a fresh pass over its tokens does.
+    caches[2].crop(len(contexts[2]) + 4)
+    nxt = model.forward_batch(caches, [[9], [9], [9]], num_logits=[1, 1, 1])
+    fed = [contexts[0] + new[0], contexts[1] + new[1], contexts[2] + new[2][:4]]
+    for b, tokens in enumerate(fed):
+        want = model.forward(model.new_cache(), [*tokens, 9], num_logits=1)
+        torch.testing.assert_close(nxt[b], want, atol=1e-4, rtol=0)
+        assert caches[b].length == len(tokens) + 1

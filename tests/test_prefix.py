@@ -19,21 +19,6 @@ TURN1 = [5, 17, 99, 3, 5, 17, 42, 8, 5, 17, 61, 2]
 QUESTION = [7, 7, 31, 200, 4]
 
 
-class Counting:
-    """A model wrapper that records how many tokens each forward call scores."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.fed: list[int] = []
-
-    def forward(self, cache: Any, tokens: list[int], *, num_logits: int | None = None) -> Any:
-        self.fed.append(len(tokens))
-        return self.model.forward(cache, tokens, num_logits=num_logits)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-
 def test_common_prefix_length() -> None:
     assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
     assert common_prefix_length([1, 2], [1, 2, 3]) == 2
@@ -110,12 +95,12 @@ def _drafters(target: Any, draft: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("kind", ["plain", "draft", "hybrid", "lookup"])
 def test_a_second_turn_scores_only_its_new_tokens_and_decodes_the_same(
-    target: Any, draft: Any, kind: str
+    target: Any, draft: Any, counting: Any, kind: str
 ) -> None:
     """Turn 2 = turn 1's prompt and answer and a new question: with the cache, its
     prompt pass scores only what the finished sequence's cache did not hold, and the
     greedy output equals decoding the whole prompt afresh (and the reference loop)."""
-    counted = Counting(target)
+    counted = counting(target)
     drafter = _drafters(counted, draft)[kind]
     pool = PrefixCache()
     first = generate(
@@ -163,8 +148,8 @@ def test_a_speculative_sequence_keeps_the_prefix_plain_decoding_keeps() -> None:
     assert kept[0] == kept[1] == [1, 2, *result.token_ids[:-1]]
 
 
-def test_the_same_prompt_again_rescores_only_its_last_token(target: Any) -> None:
-    counted = Counting(target)
+def test_the_same_prompt_again_rescores_only_its_last_token(target: Any, counting: Any) -> None:
+    counted = counting(target)
     pool = PrefixCache()
     one = generate(counted, None, TURN1, max_new_tokens=1, prefix_cache=pool)
     counted.fed.clear()
@@ -184,8 +169,10 @@ def test_a_diverging_prompt_reuses_only_the_shared_part(target: Any) -> None:
     assert result.token_ids == plain_greedy(target, other, 10)
 
 
-def test_the_draft_model_catches_up_from_its_own_cached_prefix(target: Any, draft: Any) -> None:
-    counted_draft = Counting(draft)
+def test_the_draft_model_catches_up_from_its_own_cached_prefix(
+    target: Any, draft: Any, counting: Any
+) -> None:
+    counted_draft = counting(draft)
     drafter = DraftModelDrafter(counted_draft, target=target)
     pool = PrefixCache()
     first = generate(
@@ -226,12 +213,12 @@ def test_a_generation_closed_early_still_leaves_its_caches(target: Any) -> None:
     assert pool.take(target, [*TURN1, 0]) is not None
 
 
-def test_a_failed_pass_does_not_return_a_broken_cache(target: Any) -> None:
-    class FailsLater(Counting):
-        def forward(self, cache: Any, tokens: list[int], *, num_logits: int | None = None) -> Any:
-            if len(self.fed) == 2:
+def test_a_failed_pass_does_not_return_a_broken_cache(target: Any, counting: Any) -> None:
+    class FailsLater(counting):
+        def forward_batch(self, caches: Any, tokens: Any, **kwargs: Any) -> Any:
+            if len(self.calls) == 2:  # the third pass fails
                 raise RuntimeError("out of memory")
-            return super().forward(cache, tokens, num_logits=num_logits)
+            return super().forward_batch(caches, tokens, **kwargs)
 
     pool = PrefixCache()
     events = speculate(FailsLater(target), None, TURN1, max_new_tokens=10, prefix_cache=pool)

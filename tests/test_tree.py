@@ -11,12 +11,13 @@ from test_lean import VOCAB
 from test_lean import _llama as lean_llama
 from test_lean import _qwen2 as lean_qwen2
 
-from verispec.costs import AdaptiveDraftLength, CostModel
+from verispec.costs import CostModel
 from verispec.drafters import DraftModelDrafter, HybridDrafter
 from verispec.errors import InvalidArgumentError
 from verispec.generate import generate
 from verispec.lean import tree_layout
 from verispec.models import HFModel
+from verispec.policy import DraftPolicy
 from verispec.verify import greedy_verify
 
 FLAT = CostModel(c_verify=(1.0,) * 17, c_draft=0.05)  # extra rows cost nothing
@@ -57,7 +58,7 @@ def test_each_tree_row_scores_as_its_own_path_does(build: Any) -> None:
     context = list(range(3, 60))
     cache = model.new_cache()
     model.forward(cache, context)
-    tree = model.forward(cache, TREE_TOKENS, parents=TREE_PARENTS)  # [6, vocab]
+    (tree,) = model.forward_batch([cache], [TREE_TOKENS], parents=[TREE_PARENTS])  # [6, vocab]
     assert cache.length == len(context) + len(TREE_TOKENS)
     for row, path in enumerate(TREE_PATHS):
         alone = model.forward(model.new_cache(), context + path)[-1]
@@ -82,7 +83,7 @@ def test_an_int8_target_scores_tree_rows_as_decoding_them_alone_does() -> None:
     context = list(range(3, 45))
     cache = model.new_cache()
     model.forward(cache, context)
-    tree = model.forward(cache, TREE_TOKENS, parents=TREE_PARENTS)
+    (tree,) = model.forward_batch([cache], [TREE_TOKENS], parents=[TREE_PARENTS])
     for row, path in enumerate(TREE_PATHS):
         step = model.new_cache()
         model.forward(step, context)
@@ -95,7 +96,7 @@ def test_trees_need_the_lean_runner() -> None:
     model = HFModel(hf=lean_llama(), tokenizer=None, name="m", runner="hf")
     assert not model.supports_tree
     with pytest.raises(InvalidArgumentError, match="token trees need the lean runner"):
-        model.forward(model.new_cache(), [1, 2, 3], parents=[-1, 0, 0])
+        model.forward_batch([model.new_cache()], [[1, 2, 3]], parents=[[-1, 0, 0]])
 
 
 def test_greedy_verify_keeps_a_sibling_that_the_target_chose() -> None:
@@ -117,21 +118,21 @@ def test_greedy_verify_keeps_a_sibling_that_the_target_chose() -> None:
 
 def test_siblings_fill_free_rows_and_stay_out_of_costly_ones() -> None:
     confidences, runners_up = [0.8, 0.5, 0.9], [0.15, 0.45, 0.01]
-    free = AdaptiveDraftLength(FLAT).choose_siblings(confidences, runners_up, room=16)
+    free = DraftPolicy(FLAT).choose_siblings(confidences, runners_up, room=16)
     # Rows cost nothing here, but a row is charged ROW_COST_FLOOR: the sibling at 2
     # (reached half the time, rejected a tenth of that, the runner-up a tenth of the
     # rest) is not worth it.
     assert free == [0, 1]
-    assert AdaptiveDraftLength(FLAT).choose_siblings(confidences, runners_up, room=1) == [1]
+    assert DraftPolicy(FLAT).choose_siblings(confidences, runners_up, room=1) == [1]
     # Each extra row costing half a step: only a likely sibling pays, if any.
-    steep = AdaptiveDraftLength(STEEP).choose_siblings(confidences, runners_up, room=16)
+    steep = DraftPolicy(STEEP).choose_siblings(confidences, runners_up, room=16)
     assert steep == []
-    steep_likely = AdaptiveDraftLength(STEEP).choose_siblings([0.3], [0.69], room=16)
+    steep_likely = DraftPolicy(STEEP).choose_siblings([0.3], [0.69], room=16)
     assert steep_likely == [0]
     # Never past the longest measured length.
     short = CostModel(c_verify=(1.0,) * 4, c_draft=0.05)
-    assert len(AdaptiveDraftLength(short).choose_siblings(confidences, runners_up, 16)) == 0
-    assert AdaptiveDraftLength(FLAT).choose_siblings([], [], room=4) == []
+    assert len(DraftPolicy(short).choose_siblings(confidences, runners_up, 16)) == 0
+    assert DraftPolicy(FLAT).choose_siblings([], [], room=4) == []
 
 
 def _pair(noise: float = 0.01) -> tuple[HFModel, HFModel]:

@@ -85,10 +85,12 @@ def build_scheduler(
     from verispec.server.metrics import Metrics
     from verispec.server.scheduler import Scheduler
 
-    drafter = drafters[default]
+    # One cost model for every drafter a request may pick (they share the draft model).
+    drafting = [d for d in drafters.values() if d is not None]
+    draft_model = next((d.draft_model for d in drafting if d.draft_model is not None), None)
     costs = None
-    if num_draft_tokens == "auto" and drafter is not None:
-        costs = costs_for(target, drafter.draft_model, cache_dir=cache_dir or default_cache_dir())
+    if num_draft_tokens == "auto" and drafting:
+        costs = costs_for(target, draft_model, cache_dir=cache_dir or default_cache_dir())
     return Scheduler(
         target,
         drafters,
@@ -126,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--num-draft-tokens must be auto or 0..64, got {k}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     target, drafters = load_pair(args, progress=True)
-    default = "none" if k == 0 else args.drafter
+    default = args.drafter
+    if k == 0:  # no speculation on this server: no request may ask for any
+        drafters, default = {"none": None}, "none"
     if k == "auto" and drafters[default] is not None:
         print(
             "pass costs for the draft-length policy (measured once per machine) ...",

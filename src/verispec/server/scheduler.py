@@ -141,7 +141,7 @@ class Scheduler:
             raise ValueError("max_batch must be >= 1, max_queue and prefix_cache >= 0")
         if default not in drafters:
             raise ValueError(f"the default drafter {default!r} is not one of {list(drafters)}")
-        if num_draft_tokens == "auto" and costs is None and drafters[default] is not None:
+        if num_draft_tokens == "auto" and costs is None and any(d is not None for d in drafters.values()):
             raise ValueError("num_draft_tokens='auto' needs a cost model (costs=...)")
         # Finished sequences' caches for requests that continue them: a chat's next
         # turn scores only its new messages.
