@@ -13,8 +13,8 @@ CHROMIUM = /usr/bin/chromium
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # The one decode step, the drafters, the policy and the scheduler: mypy --strict.
-STRICT = src/verispec/engine.py src/verispec/drafters.py src/verispec/policy.py \
-	src/verispec/costs.py src/verispec/server/scheduler.py
+STRICT = src/verispec/engine.py src/verispec/drafting/*.py src/verispec/policy/*.py \
+	src/verispec/server/scheduler.py
 
 .PHONY: run test lint install install-models install-test install-bench install-browser clean
 

@@ -37,9 +37,9 @@ import torch
 
 from verispec.bench.datasets import BenchPrompt
 from verispec.bench.runner import _messages
-from verispec.costs import AdaptiveDraftLength, CostModel
 from verispec.generate import encode_prompt
 from verispec.models import load_model
+from verispec.policy.costs import AdaptiveDraftLength, CostModel
 
 
 @dataclass

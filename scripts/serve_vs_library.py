@@ -21,11 +21,11 @@ import uvicorn
 from openai import OpenAI
 
 from verispec.bench.datasets import load_prompts, parse_set_sizes
-from verispec.costs import costs_for
-from verispec.drafters import drafter_menu
+from verispec.drafting import drafter_menu
 from verispec.generate import encode_prompt, generate
 from verispec.models import default_draft_precision, load_model
-from verispec.presets import default_cache_dir
+from verispec.models.presets import default_cache_dir
+from verispec.policy.costs import costs_for
 from verispec.server.app import create_app
 from verispec.server.metrics import Metrics
 from verispec.server.scheduler import Scheduler

@@ -61,10 +61,10 @@ def counting():
 
 @pytest.fixture
 def model_only_hybrid():
-    """A :class:`~verispec.drafters.HybridDrafter` class whose route never takes the
+    """A :class:`~verispec.drafting.HybridDrafter` class whose route never takes the
     prompt lookup: its draft model drafts every pass, with the lookup's continuation as
     the hint."""
-    from verispec.drafters import HybridDrafter
+    from verispec.drafting import HybridDrafter
 
     class ModelOnlyHybrid(HybridDrafter):
         def route(self, request):

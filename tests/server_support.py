@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from helpers import byte_tokenizer, tiny_llama
 
-from verispec.drafters import Draft, DraftRequest, StatelessDrafter, drafter_menu
+from verispec.drafting import Draft, DraftRequest, StatelessDrafter, drafter_menu
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -125,7 +125,7 @@ def tiny_target() -> Any:
 @contextmanager
 def tiny_server(target: Any, *, prefix_cache: int = 0) -> Iterator[RunningServer]:
     """A running server on ``target`` with a noisy-copy draft model (every drafter of
-    :func:`~verispec.drafters.drafter_menu`, "model" by default; k = 3, 16 default tokens)."""
+    :func:`~verispec.drafting.drafter_menu`, "model" by default; k = 3, 16 default tokens)."""
     from verispec.server.app import create_app
     from verispec.server.scheduler import Scheduler
 

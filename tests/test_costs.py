@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from helpers import TableModel, plain_greedy, tiny_llama
 
-from verispec.costs import CostModel, cached_costs, expected_tokens
-from verispec.drafters import DraftModelDrafter, PromptLookupDrafter
+from verispec.drafting import DraftModelDrafter, PromptLookupDrafter
 from verispec.generate import generate
 from verispec.models import HFModel
 from verispec.policy import AcceptanceRate, DraftPolicy, pass_cost, plan_batch
+from verispec.policy.costs import CostModel, cached_costs, expected_tokens
 
 FLAT = CostModel(c_verify=(1.0,) * 17, c_draft=0.05)  # verification as cheap as one step
 STEEP = CostModel(c_verify=tuple(1.0 + 0.5 * k for k in range(17)), c_draft=0.3)
@@ -176,7 +176,7 @@ def _sources(target, drafter, prompt: list[int], n: int, k):
 
 
 def test_hybrid_auto_leaves_a_misleading_lookup_for_the_model() -> None:
-    from verispec.drafters import HybridDrafter
+    from verispec.drafting import HybridDrafter
 
     target = TableModel(7, seed=3)
 
@@ -201,7 +201,7 @@ def test_hybrid_auto_leaves_a_misleading_lookup_for_the_model() -> None:
 
 
 def test_hybrid_auto_prefers_a_free_lookup_that_works() -> None:
-    from verispec.drafters import HybridDrafter
+    from verispec.drafting import HybridDrafter
 
     # Greedy decoding of a second-order Markov model soon cycles, so two-token n-gram
     # lookups are right from then on; the draft model here is useless.
@@ -216,15 +216,15 @@ def test_hybrid_auto_prefers_a_free_lookup_that_works() -> None:
 
 
 def test_draft_length_is_calibrated_beyond_16_unless_rows_must_be_exact() -> None:
-    from verispec.costs import MAX_CALIBRATED_K, calibrated_length
-    from verispec.kernels import optimize
+    from verispec.models.kernels import optimize
+    from verispec.policy.costs import MAX_CALIBRATED_K, calibrated_length
 
     assert MAX_CALIBRATED_K == 32
     assert calibrated_length(tiny_llama(seed=0)) == 32
     # An int8 target attends query by query (bit-exact rows) for passes up to 17 positions.
     exact = tiny_llama(seed=0)
-    optimize(exact.hf, device="cpu", precision="int8")
-    exact = HFModel(hf=exact.hf, tokenizer=None, name="int8", runner="lean")
+    applied = optimize(exact.hf, device="cpu", precision="int8")
+    exact = HFModel(hf=exact.hf, tokenizer=None, name="int8", runner="lean", fused=applied.fused)
     assert exact.lean is not None and exact.lean.exact_rows
     assert calibrated_length(exact) == 16
     # The same model on transformers' forward has no such limit.

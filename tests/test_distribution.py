@@ -24,7 +24,7 @@ from helpers import TableModel
 
 import verispec.engine as engine
 import verispec.verify as verify
-from verispec.drafters import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
+from verispec.drafting import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
 from verispec.generate import generate
 from verispec.sampling import SamplingParams, warp
 
@@ -111,7 +111,7 @@ def test_hinted_drafts_are_distribution_exact(
     """The draft model drafts every pass with the prompt lookup's continuation as a hint,
     always fed (sampled hint tokens kept as often as the draft's probability allows,
     ``sample_preferring``). Four tokens (625 sequences), the same threshold rule."""
-    from verispec import drafters as drafters_module
+    from verispec.drafting import model as drafters_module
 
     monkeypatch.setattr(drafters_module, "HINT_MIN_AGREEMENT", 0.0)
     monkeypatch.setattr(drafters_module, "HINT_MIN_TOKENS", 1)
@@ -139,8 +139,8 @@ def test_drafts_stopped_by_confidence_are_distribution_exact(
     its own sampled token says one more does not pay, so the draft length depends on
     the tokens drafted. Four tokens (625 sequences, same method and threshold rule):
     after the first token two may be drafted, so drafts of both lengths occur."""
-    from verispec.costs import CostModel
     from verispec.policy import DraftPolicy
+    from verispec.policy.costs import CostModel
 
     flat = CostModel(c_verify=(1.0,) * 9, c_draft=0.3)
     monkeypatch.setattr(DraftPolicy, "observe_time", lambda *a, **k: None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import TableModel, plain_greedy, tiny_llama
 
-from verispec.drafters import (
+from verispec.drafting import (
     Draft,
     DraftModelDrafter,
     DraftRequest,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import byte_tokenizer, tiny_llama
 
-from verispec.drafters import DraftModelDrafter
+from verispec.drafting import DraftModelDrafter
 from verispec.errors import InvalidArgumentError
 from verispec.generate import generate, stream
 

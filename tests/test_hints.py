@@ -10,11 +10,11 @@ import torch
 from helpers import TableModel, plain_greedy
 from test_tree import _pair
 
-from verispec import drafters as drafters_module
-from verispec.costs import CostModel
-from verispec.drafters import DraftModelDrafter, DraftRequest
+from verispec.drafting import DraftModelDrafter, DraftRequest
+from verispec.drafting import model as drafters_module
 from verispec.generate import generate
 from verispec.models import HFModel
+from verispec.policy.costs import CostModel
 from verispec.sampling import SamplingParams
 
 GREEDY = SamplingParams()

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from verispec import DraftModelDrafter, PromptLookupDrafter, generate, load_model
-from verispec.kernels import int4_available
-from verispec.lean import compiler_missing
+from verispec.models.kernels import int4_available
+from verispec.models.lean import compiler_missing
 
 pytestmark = [
     pytest.mark.integration,

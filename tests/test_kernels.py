@@ -8,10 +8,11 @@ import pytest
 import torch
 from helpers import plain_greedy, tiny_llama
 
-from verispec.drafters import DraftModelDrafter
+from verispec.drafting import DraftModelDrafter
 from verispec.errors import InvalidArgumentError
 from verispec.generate import generate
-from verispec.kernels import (
+from verispec.models import HFModel
+from verispec.models.kernels import (
     INT4_MAX_ROWS,
     Int4Linear,
     OneDNNLinear,
@@ -19,7 +20,6 @@ from verispec.kernels import (
     onednn_available,
     optimize,
 )
-from verispec.models import HFModel
 
 PROMPT = [5, 17, 99, 3, 5, 17, 42, 8, 5, 17]
 
@@ -38,7 +38,7 @@ def test_onednn_logits_match_default_within_1e_4() -> None:
     base = tiny_llama(seed=0)
     fast = _clone(base)
     applied = optimize(fast.hf, device="cpu", kernels="onednn", precision="fp32")
-    assert "oneDNN" in applied
+    assert "oneDNN" in applied.description
     assert any(isinstance(m, OneDNNLinear) for m in fast.hf.modules())
     for n in (1, 2, 5, 9):
         tokens = PROMPT[:n]
@@ -121,7 +121,7 @@ def test_int4_draft_keeps_the_output_exact() -> None:
                 module.weight.copy_(_on_4_bit_grid(module.weight))
     hf = copy.deepcopy(target.hf)
     applied = optimize(hf, device="cpu", precision="int4", batch_invariant=False)
-    assert "int4" in applied and "fused in 2 layers" in applied
+    assert "int4" in applied.description and "fused in 2 layers" in applied.description
     assert isinstance(hf.lm_head, Int4Linear)
     assert isinstance(hf.model.layers[0].mlp.down_proj, Int4Linear)
     for runner in ("lean", "hf"):  # fused projections / transformers' separate ones

@@ -8,11 +8,11 @@ import pytest
 import torch
 from helpers import plain_greedy, tiny_llama
 
-from verispec.drafters import DraftModelDrafter
+from verispec.drafting import DraftModelDrafter
 from verispec.errors import InvalidArgumentError
 from verispec.generate import generate
-from verispec.lean import LeanCache, compiler_missing, lean_unsupported
 from verispec.models import HFModel
+from verispec.models.lean import LeanCache, compiler_missing, lean_unsupported
 
 VOCAB = 300
 
@@ -132,20 +132,23 @@ def test_unsupported_models_fall_back_or_fail_clearly() -> None:
 
 @pytest.mark.parametrize("build", [_qwen2, _llama], ids=["qwen2", "llama"])
 def test_fused_projections_give_the_same_logits(build: Any) -> None:
-    from verispec.kernels import FUSED_GATE_UP, FUSED_QKV, fuse_projections
+    from verispec.models.kernels import fuse_projections
 
     hf = build()
     tokens = torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(3)).tolist()
     ref = HFModel(hf=hf, tokenizer=None, name="ref", runner="hf")
     ref_cache = ref.new_cache()
     want = [ref.forward(ref_cache, chunk) for chunk in (tokens[:40], tokens[40:41], tokens[41:])]
+    fused = []
     for layer in hf.model.layers:
-        assert fuse_projections(layer)
-        assert hasattr(layer.self_attn, FUSED_QKV) and hasattr(layer.mlp, FUSED_GATE_UP)
+        pair = fuse_projections(layer)
+        assert pair is not None
+        fused.append((pair["qkv"], pair["gate_up"]))
+        assert not hasattr(layer.self_attn, "qkv")  # the HF modules are left as they were
         with torch.no_grad():  # the lean pass must now read only the fused copies
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.up_proj):
                 proj.weight.fill_(float("nan"))
-    lean = HFModel(hf=hf, tokenizer=None, name="lean", runner="lean")
+    lean = HFModel(hf=hf, tokenizer=None, name="lean", runner="lean", fused=tuple(fused))
     lean_cache = lean.new_cache()
     got = [lean.forward(lean_cache, chunk) for chunk in (tokens[:40], tokens[40:41], tokens[41:])]
     for g, w in zip(got, want, strict=True):
@@ -156,18 +159,19 @@ def test_fused_projections_give_the_same_logits(build: Any) -> None:
 def test_int8_models_get_quantized_fused_projections(batch_invariant: bool) -> None:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    from verispec.kernels import FUSED_GATE_UP, FUSED_QKV, RowQuantizedLinear, optimize
+    from verispec.models.kernels import RowQuantizedLinear, optimize
 
     hf = _qwen2()
     full = HFModel(hf=_qwen2(), tokenizer=None, name="fp32")
-    optimize(hf, device="cpu", precision="int8", batch_invariant=batch_invariant)
+    applied = optimize(hf, device="cpu", precision="int8", batch_invariant=batch_invariant)
     kind = RowQuantizedLinear if batch_invariant else DynamicLinear
-    for layer in hf.model.layers:
-        assert isinstance(getattr(layer.self_attn, FUSED_QKV), kind)
-        assert isinstance(getattr(layer.mlp, FUSED_GATE_UP), kind)
+    assert len(applied.fused) == len(hf.model.layers)
+    for layer, pair in zip(hf.model.layers, applied.fused, strict=True):
+        assert pair is not None
+        assert isinstance(pair[0], kind) and isinstance(pair[1], kind)
         assert isinstance(layer.self_attn.q_proj, kind) and isinstance(layer.mlp.down_proj, kind)
     assert isinstance(hf.lm_head, kind)
-    lean = HFModel(hf=hf, tokenizer=None, name="int8", runner="lean")
+    lean = HFModel(hf=hf, tokenizer=None, name="int8", runner="lean", fused=applied.fused)
     tokens = torch.randint(0, VOCAB, (64,), generator=torch.Generator().manual_seed(4)).tolist()
     got = lean.forward(lean.new_cache(), tokens)
     want = full.forward(full.new_cache(), tokens)
@@ -189,13 +193,13 @@ def test_an_int8_target_scores_each_position_as_decoding_it_alone_does(model: An
     would not reproduce plain int8 decoding. fbgemm's own dynamic linear (one activation
     scale per call, used for drafts) fails this, which shows the check can fail; the
     per-row quantized layers and per-query attention of a target pass it."""
-    from verispec.kernels import optimize
+    from verispec.models.kernels import optimize
 
     tokens = torch.randint(0, VOCAB, (52,), generator=torch.Generator().manual_seed(5)).tolist()
     for batch_invariant in (True, False):
         hf = model()
-        optimize(hf, device="cpu", precision="int8", batch_invariant=batch_invariant)
-        lean = HFModel(hf=hf, tokenizer=None, name="int8", runner="lean")
+        applied = optimize(hf, device="cpu", precision="int8", batch_invariant=batch_invariant)
+        lean = HFModel(hf=hf, tokenizer=None, name="int8", runner="lean", fused=applied.fused)
         assert lean.lean is not None and lean.lean.exact_rows == batch_invariant
         cache = lean.new_cache()
         lean.forward(cache, tokens[:40])  # a prompt pass, as in both decoding modes
@@ -208,17 +212,17 @@ def test_an_int8_target_scores_each_position_as_decoding_it_alone_does(model: An
 
 
 def test_speculative_decoding_with_an_int8_target_equals_plain_int8_decoding() -> None:
-    from verispec.kernels import optimize
+    from verispec.models.kernels import optimize
 
     hf = _qwen2()
-    optimize(hf, device="cpu", precision="int8")
-    target = HFModel(hf=hf, tokenizer=None, name="int8", runner="lean")
+    applied = optimize(hf, device="cpu", precision="int8")
+    target = HFModel(hf=hf, tokenizer=None, name="int8", runner="lean", fused=applied.fused)
     draft_hf = _qwen2()
     with torch.no_grad():  # a draft close to the target: long accepted runs
         for p in draft_hf.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    optimize(draft_hf, device="cpu", precision="int8", batch_invariant=False)
-    draft = HFModel(hf=draft_hf, tokenizer=None, name="draft", runner="lean")
+    applied = optimize(draft_hf, device="cpu", precision="int8", batch_invariant=False)
+    draft = HFModel(hf=draft_hf, tokenizer=None, name="draft", runner="lean", fused=applied.fused)
     for seed in range(3):
         prompt = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(seed))
         plain = generate(target, None, prompt.tolist(), max_new_tokens=40)
@@ -273,7 +277,7 @@ def test_a_failing_compiled_step_falls_back_to_the_eager_pass(
 ) -> None:
     """A compiled step that compiles (and warms up) but fails at run time: the step is
     scored by the eager pass, and the eager pass is used from then on."""
-    from verispec import lean
+    from verispec.models import lean
 
     failing = {"armed": False, "calls": 0}
 
@@ -304,8 +308,7 @@ def test_a_failing_compiled_step_falls_back_to_the_eager_pass(
 
 
 def test_compile_steps_choices_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from verispec import lean
-    from verispec.models import _compile_steps
+    from verispec.models import _compile_steps, lean
 
     hf_runner = HFModel(hf=_llama(), tokenizer=None, name="m", runner="hf")
     with pytest.raises(InvalidArgumentError, match="no lean forward"):
@@ -323,8 +326,7 @@ def test_compile_steps_choices_are_checked(monkeypatch: pytest.MonkeyPatch) -> N
 def test_auto_compiles_int4_models_only() -> None:
     """auto leaves fp32 and int8 models eager (compiling did not pay for them) and never
     tries oneDNN layers, which torch.compile cannot trace."""
-    from verispec import kernels
-    from verispec.models import _compile_steps
+    from verispec.models import _compile_steps, kernels
 
     model = HFModel(hf=_llama(), tokenizer=None, name="m")
     assert _compile_steps(model, "auto", "cpu") == ""

@@ -18,7 +18,7 @@ import pytest
 from server_support import noisy_copy, serve, wait_until
 
 from verispec import generate
-from verispec.drafters import Draft, DraftRequest, StatelessDrafter, drafter_menu
+from verispec.drafting import Draft, DraftRequest, StatelessDrafter, drafter_menu
 from verispec.server.app import create_app
 from verispec.server.scheduler import Scheduler
 

@@ -9,7 +9,7 @@ import torch
 from helpers import TableModel, plain_greedy, tiny_llama
 
 from verispec import PrefixCache
-from verispec.drafters import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
+from verispec.drafting import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
 from verispec.engine import speculate
 from verispec.errors import InvalidArgumentError
 from verispec.generate import generate, stream

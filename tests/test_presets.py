@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from verispec import presets
 from verispec.errors import ModelFormatError, ModelNotFoundError, UnknownPresetError
-from verispec.presets import Preset, resolve_model_dir
+from verispec.models import presets
+from verispec.models.presets import Preset, resolve_model_dir
 
 CHUNKS = (b"GGUF" + b"a" * 60, b"b" * 100, b"c" * 37)
 GGUF_BYTES = b"".join(CHUNKS)

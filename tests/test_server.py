@@ -356,7 +356,7 @@ def test_hybrid_needs_a_draft_model(guarded) -> None:
 
 
 def test_serve_refuses_a_negative_prefix_cache() -> None:
-    from verispec import cli
+    from verispec.cli import main as cli
     from verispec.errors import InvalidArgumentError
     from verispec.server import command
 
@@ -373,9 +373,9 @@ def test_serve_command_with_the_hybrid_drafter(chat_target, monkeypatch, tmp_pat
     import uvicorn
 
     from verispec import models
-    from verispec.cli import build_parser
-    from verispec.costs import CostModel
-    from verispec.drafters import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
+    from verispec.cli.main import build_parser
+    from verispec.drafting import DraftModelDrafter, HybridDrafter, PromptLookupDrafter
+    from verispec.policy.costs import CostModel
     from verispec.server import command
 
     draft = noisy_copy(chat_target)
@@ -449,3 +449,27 @@ def test_serve_command_with_the_hybrid_drafter(chat_target, monkeypatch, tmp_pat
         alone = generate(chat_target, None, prompt, max_new_tokens=16, chat=False).text
         assert a.choices[0].text == alone and f.choices[0].text == alone
         assert f.model_extra["speculation"]["drafted"] > 0
+
+
+def test_serve_without_speculation_offers_no_drafter(chat_target, monkeypatch) -> None:
+    """`verispec serve -k 0`: plain decoding only; a request that names a drafter gets a
+    400 that says which drafters this server has."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from verispec import models
+    from verispec.cli.main import build_parser
+    from verispec.server import command
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: chat_target)
+    built = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: built.update(app=app))
+    args = build_parser().parse_args(["serve", "--drafter", "prompt-lookup", "-k", "0"])
+    assert command.run(args) == 0
+    with TestClient(built["app"]) as client:
+        body = {"model": "m", "prompt": "hello", "max_tokens": 4, "temperature": 0}
+        assert client.post("/v1/completions", json=body).status_code == 200
+        picked = {**body, "verispec": {"drafter": "prompt-lookup"}}
+        reply = client.post("/v1/completions", json=picked)
+        assert reply.status_code == 400
+        assert "available: none" in reply.json()["error"]["message"]

@@ -10,7 +10,7 @@ import pytest
 from server_support import serve
 
 from verispec import generate, load_model
-from verispec.drafters import drafter_menu
+from verispec.drafting import drafter_menu
 from verispec.server.app import create_app
 from verispec.server.command import build_scheduler
 

@@ -21,14 +21,14 @@ from server_support import chat_tokenizer, noisy_copy
 from verispec import (
     CostModel,
     Draft,
-    DraftModelDrafter,
     DrafterError,
+    DraftModelDrafter,
     DraftRequest,
     PromptLookupDrafter,
     StatelessDrafter,
     generate,
 )
-from verispec.drafters import drafter_menu
+from verispec.drafting import drafter_menu
 from verispec.engine import prompt_pass, start_sequence, step
 from verispec.sampling import SamplingParams, warp
 from verispec.server.scheduler import GenerationRequest, Scheduler, Update
@@ -66,9 +66,7 @@ def menu(target):
     menu = drafter_menu(target, noisy_copy(target))
     # A user's drafter (the README's example): the target's own greedy continuations of
     # two prompts, so that it is often right.
-    phrases = [
-        p + generate(target, None, p, max_new_tokens=12).token_ids for p in PROMPTS[:2]
-    ]
+    phrases = [p + generate(target, None, p, max_new_tokens=12).token_ids for p in PROMPTS[:2]]
     menu["phrases"] = load_example("phrase_drafter").PhraseDrafter(phrases)
     return menu
 
@@ -329,9 +327,7 @@ def test_a_bad_drafter_ends_only_its_request(target, menu) -> None:
     drafters = {**menu, "bad": BadDrafter("raises", trigger=120)}
     scheduler = Scheduler(target, drafters, default="model", max_batch=4, num_draft_tokens=3)
     prompts = PROMPTS[3:7]
-    got = _collect_updates(
-        scheduler, [_request(p, max_tokens=10, drafter="bad") for p in prompts]
-    )
+    got = _collect_updates(scheduler, [_request(p, max_tokens=10, drafter="bad") for p in prompts])
     for updates, prompt in zip(got, prompts, strict=True):
         if 120 in prompt:
             assert "drafter 'bad (raises)' failed" in (updates[-1].error or "")

@@ -11,13 +11,13 @@ from test_lean import VOCAB
 from test_lean import _llama as lean_llama
 from test_lean import _qwen2 as lean_qwen2
 
-from verispec.costs import CostModel
-from verispec.drafters import DraftModelDrafter, HybridDrafter
+from verispec.drafting import DraftModelDrafter, HybridDrafter
 from verispec.errors import InvalidArgumentError
 from verispec.generate import generate
-from verispec.lean import tree_layout
 from verispec.models import HFModel
+from verispec.models.lean import tree_layout
 from verispec.policy import DraftPolicy
+from verispec.policy.costs import CostModel
 from verispec.verify import greedy_verify
 
 FLAT = CostModel(c_verify=(1.0,) * 17, c_draft=0.05)  # extra rows cost nothing
@@ -75,11 +75,11 @@ def test_each_tree_row_scores_as_its_own_path_does(build: Any) -> None:
 def test_an_int8_target_scores_tree_rows_as_decoding_them_alone_does() -> None:
     """The int8 target's rows must match one-position passes bit for bit (see
     test_lean), siblings included."""
-    from verispec.kernels import optimize
+    from verispec.models.kernels import optimize
 
     hf = _qwen2()
-    optimize(hf, device="cpu", precision="int8")
-    model = HFModel(hf=hf, tokenizer=None, name="int8", runner="lean")
+    applied = optimize(hf, device="cpu", precision="int8")
+    model = HFModel(hf=hf, tokenizer=None, name="int8", runner="lean", fused=applied.fused)
     context = list(range(3, 45))
     cache = model.new_cache()
     model.forward(cache, context)
@@ -166,11 +166,11 @@ def test_greedy_output_with_siblings_equals_plain_greedy(hybrid: bool) -> None:
 
 
 def test_an_int8_target_with_siblings_equals_plain_int8_decoding() -> None:
-    from verispec.kernels import optimize
+    from verispec.models.kernels import optimize
 
     hf = _qwen2()
-    optimize(hf, device="cpu", precision="int8")
-    target = HFModel(hf=hf, tokenizer=None, name="int8", runner="lean")
+    applied = optimize(hf, device="cpu", precision="int8")
+    target = HFModel(hf=hf, tokenizer=None, name="int8", runner="lean", fused=applied.fused)
     draft = HFModel(hf=_qwen2(seed=4, noise=0.01), tokenizer=None, name="draft")
     drafter = DraftModelDrafter(draft, target=target)
     kept = 0

@@ -7,8 +7,7 @@ result = verispec.generate(target, drafter, "Write a quicksort in Python.")
 print(result.text, result.stats.acceptance_rate)
 """
 
-from verispec.costs import CostModel, costs_for
-from verispec.drafters import (
+from verispec.drafting import (
     Draft,
     Drafter,
     DraftModelDrafter,
@@ -38,6 +37,7 @@ from verispec.generate import (
     stream,
 )
 from verispec.models import HFModel, LanguageModel, load_model
+from verispec.policy.costs import CostModel, costs_for
 from verispec.prefix import PrefixCache
 from verispec.sampling import SamplingParams
 from verispec.stats import GenerationStats

@@ -31,11 +31,11 @@ from typing import Any, Literal
 
 import torch
 
-from verispec.costs import CostModel
-from verispec.drafters import NO_DRAFT, Draft, Drafter, DraftRequest, Proposer
+from verispec.drafting import NO_DRAFT, Draft, Drafter, DraftRequest, Proposer
 from verispec.errors import DrafterError, InvalidArgumentError, PromptTooLongError
 from verispec.models import LanguageModel
 from verispec.policy import DraftPolicy, plan_batch
+from verispec.policy.costs import CostModel
 from verispec.prefix import CachedState, PrefixCache, PrefixEntry
 from verispec.sampling import SamplingParams, warp
 from verispec.stats import GenerationStats

@@ -15,13 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from verispec.costs import CostModel, costs_for
-from verispec.drafters import Drafter
+from verispec.drafting import Drafter
 from verispec.engine import DraftLength, StepEvent, check_generation_args, speculate
 from verispec.errors import InvalidArgumentError
 from verispec.models import LanguageModel
+from verispec.models.presets import default_cache_dir
+from verispec.policy.costs import CostModel, costs_for
 from verispec.prefix import PrefixCache
-from verispec.presets import default_cache_dir
 from verispec.sampling import SamplingParams
 from verispec.stats import GenerationStats
 

@@ -44,7 +44,7 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from verispec import presets
+    from verispec.models import presets
 
     parser.add_argument("--target", default=None, help=f"target model ({presets.DEFAULT_TARGET})")
     parser.add_argument("--draft", default=None, help=f"draft model ({presets.DEFAULT_DRAFT})")
@@ -126,25 +126,10 @@ def _tiny_model(seed: int) -> Any:
 def _load(spec: str, args: argparse.Namespace, *, role: str) -> Any:
     """Load a model with the shared model options (``--precision``, ``--draft-precision``,
     ``--kernels``) as ``verispec generate`` does: the draft defaults to int4 on a CPU."""
-    from verispec.models import default_device, default_draft_precision, load_model
-    from verispec.options import compile_choice
+    from verispec.cli.options import load_role
 
-    device = args.device or default_device()
-    precision = getattr(args, "precision", None)
-    if role == "draft":
-        precision = getattr(args, "draft_precision", None) or default_draft_precision(device)
     try:
-        return load_model(
-            spec,
-            cache_dir=args.cache_dir,
-            device=device,
-            precision=precision,
-            kernels=getattr(args, "kernels", "auto"),
-            runner=getattr(args, "runner", "auto"),
-            batch_invariant=role != "draft",
-            compile_steps=compile_choice(args) if role == "draft" else False,
-            progress=True,
-        )
+        return load_role(args, spec, role="draft" if role == "draft" else "target", progress=True)
     except ModelNotFoundError as exc:
         if not args.quick:
             raise
@@ -157,9 +142,9 @@ def _load(spec: str, args: argparse.Namespace, *, role: str) -> Any:
 
 
 def calibrate(target: Any, draft: Any, max_k: int) -> dict[str, Any] | None:
-    """c_verify(0..max_k) and c_draft on this machine (:func:`verispec.costs.measure_costs`)."""
-    from verispec.costs import costs_for, measure_costs
-    from verispec.presets import default_cache_dir
+    """c_verify(0..max_k) and c_draft on this machine (``policy.costs.measure_costs``)."""
+    from verispec.models.presets import default_cache_dir
+    from verispec.policy.costs import costs_for, measure_costs
 
     if max_k < 1:
         return None
@@ -175,11 +160,11 @@ def calibrate(target: Any, draft: Any, max_k: int) -> dict[str, Any] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from verispec import presets
     from verispec.bench.datasets import load_prompts, parse_set_sizes
     from verispec.bench.plots import write_plots
     from verispec.bench.report import machine_info, summarize, write_results
     from verispec.bench.runner import parse_configs, run_bench
+    from verispec.models import presets
     from verispec.sampling import SamplingParams
 
     started = time.perf_counter()

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from verispec.bench.runner import BenchConfig, BenchRun, RunRecord
-from verispec.costs import expected_tokens
+from verispec.policy.costs import expected_tokens
 
 
 def machine_info() -> dict[str, Any]:

@@ -36,14 +36,14 @@ import torch
 
 from verispec.bench.datasets import BenchPrompt
 from verispec.bench.peers import hf_generate
-from verispec.costs import CostModel, costs_for
-from verispec.drafters import Drafter, DraftModelDrafter, HybridDrafter, PromptLookupDrafter
+from verispec.drafting import Drafter, DraftModelDrafter, HybridDrafter, PromptLookupDrafter
 from verispec.engine import DraftLength
 from verispec.errors import InvalidArgumentError
 from verispec.generate import encode_prompt, stream
 from verispec.models import LanguageModel
+from verispec.models.presets import default_cache_dir
+from verispec.policy.costs import CostModel, costs_for
 from verispec.prefix import PrefixCache
-from verispec.presets import default_cache_dir
 from verispec.sampling import SamplingParams
 
 WARMUP_TOKENS = 8

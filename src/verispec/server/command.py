@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 from verispec.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from verispec.drafters import Drafter
+    from verispec.drafting import Drafter
     from verispec.engine import DraftLength
     from verispec.models import LanguageModel
     from verispec.server.scheduler import Scheduler
-from verispec.options import add_pair_options, draft_length
+from verispec.cli.options import add_pair_options, draft_length
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,9 +79,9 @@ def build_scheduler(
     cache_dir: Path | None = None,
 ) -> Scheduler:
     """A :class:`Scheduler` over the drafters; ``"auto"`` draft lengths use the same
-    per-machine cost model as the library (:func:`verispec.costs.costs_for`)."""
-    from verispec.costs import costs_for
-    from verispec.presets import default_cache_dir
+    per-machine cost model as the library (:func:`verispec.policy.costs.costs_for`)."""
+    from verispec.models.presets import default_cache_dir
+    from verispec.policy.costs import costs_for
     from verispec.server.metrics import Metrics
     from verispec.server.scheduler import Scheduler
 
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             f"verispec serve needs the server extra ({exc.name} is missing): "
             "pip install 'verispec[server]'"
         ) from exc
-    from verispec.options import load_pair
+    from verispec.cli.options import load_pair
 
     for name in ("max_batch", "max_tokens", "max_tokens_limit"):
         if getattr(args, name) < 1:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from verispec.drafters import Draft
+from verispec.drafting import Draft
 from verispec.engine import StepEvent
 from verispec.generate import Detokenizer, TextEvent
 from verispec.sampling import SamplingParams, warp

@@ -31,8 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from verispec.costs import CostModel
-from verispec.drafters import Drafter
+from verispec.drafting import Drafter
 from verispec.engine import (
     DraftLength,
     SequenceState,
@@ -46,6 +45,7 @@ from verispec.engine import (
 from verispec.errors import VerispecError
 from verispec.generate import Detokenizer, to_text_event
 from verispec.models import LanguageModel
+from verispec.policy.costs import CostModel
 from verispec.prefix import PrefixCache
 from verispec.sampling import SamplingParams
 from verispec.server.metrics import Metrics
@@ -141,7 +141,11 @@ class Scheduler:
             raise ValueError("max_batch must be >= 1, max_queue and prefix_cache >= 0")
         if default not in drafters:
             raise ValueError(f"the default drafter {default!r} is not one of {list(drafters)}")
-        if num_draft_tokens == "auto" and costs is None and any(d is not None for d in drafters.values()):
+        if (
+            num_draft_tokens == "auto"
+            and costs is None
+            and any(d is not None for d in drafters.values())
+        ):
             raise ValueError("num_draft_tokens='auto' needs a cost model (costs=...)")
         # Finished sequences' caches for requests that continue them: a chat's next
         # turn scores only its new messages.

@@ -1,7 +1,7 @@
 """How much to draft: the adaptive policy, in small parts that each do one thing.
 
 Glossary (DESIGN.md): alpha = probability a draft token is accepted, k = draft
-length, ``c_verify(k)`` and ``c_draft`` are relative costs (:mod:`verispec.costs`).
+length, ``c_verify(k)`` and ``c_draft`` are relative costs (:mod:`verispec.policy.costs`).
 
 * :class:`AcceptanceRate`: a running alpha (one per draft source).
 * :class:`ConfidenceCalibration`: maps a draft model's probability of a token to
@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from verispec.costs import CostModel, expected_tokens
+from verispec.policy.costs import CostModel, expected_tokens
 
 CONFIDENCE_BINS = 10  # draft probabilities are calibrated per tenth of [0, 1]
 CONFIDENCE_PRIOR = 4.0  # weight, in observations, of "acceptance = draft probability"

@@ -3,13 +3,15 @@
 transformers' generic forward spends several milliseconds per call in Python
 (mask construction, cache bookkeeping, dispatch), which is a large share of a
 small draft model's step on a CPU. This module runs the *same* modules (the
-same ``nn.Linear`` objects, so the same kernels: oneDNN-prepacked, int8, a
-trimmed head) with a direct loop and a preallocated KV cache:
+same ``nn.Linear`` objects, so the same kernels: oneDNN-prepacked, int8, int4,
+plus the model's fused projections) with a direct loop and a preallocated KV cache:
 
 * the cache is one ``[kv_heads, capacity, head_dim]`` tensor per layer and
   side; appending writes in place and rolling back just moves ``length``;
 * a pass over one new token needs no mask; a pass over several uses a
   boolean causal mask against the cached positions;
+* several sequences score in one pass (:meth:`LeanRunner.forward_batch`): their
+  rows are packed for the linear layers, attention goes sequence by sequence;
 * RoPE, RMSNorm, GQA attention and the SwiGLU MLP follow the transformers
   implementations operation by operation, so logits agree with
   ``model.hf(...)`` to float rounding (tested within 1e-4).
@@ -29,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from verispec.kernels import FUSED_GATE_UP, FUSED_QKV, RowQuantizedLinear
+from verispec.models.kernels import RowQuantizedLinear
 
 LEAN_MODEL_TYPES = ("llama", "qwen2")
 # Passes of at most this many positions (verification: k + 1 <= 17) of a model with
@@ -126,7 +128,7 @@ class LeanCache:
 class LeanRunner:
     """Runs a transformers Llama/Qwen2 model's modules without transformers' forward."""
 
-    def __init__(self, hf: Any) -> None:
+    def __init__(self, hf: Any, fused: Sequence[tuple[Any, Any] | None] = ()) -> None:
         reason = lean_unsupported(hf)
         if reason is not None:
             raise ValueError(f"no lean forward for this model: {reason}")
@@ -146,12 +148,12 @@ class LeanRunner:
         self.inv_freq = (1.0 / (theta**exponents)).to(param.device)  # [head_dim / 2]
         self.dtype = hf.model.embed_tokens.weight.dtype
         self.device = param.device
-        # Fused q|k|v and gate|up projections of int8 models (kernels.fuse_projections), or
-        # None where a layer has only the separate ones; looked up once, not every pass.
-        self.fused = [
-            (getattr(layer.self_attn, FUSED_QKV, None), getattr(layer.mlp, FUSED_GATE_UP, None))
-            for layer in hf.model.layers
-        ]
+        # Fused q|k|v and gate|up projections of quantized models (kernels.Kernels.fused),
+        # or (None, None) where a layer has only the separate ones.
+        layers = len(hf.model.layers)
+        if fused and len(fused) != layers:
+            raise ValueError(f"fused projections for {len(fused)} of {layers} layers")
+        self.fused = [pair or (None, None) for pair in fused] or [(None, None)] * layers
         # An int8 target quantizes each row on its own (kernels.RowQuantizedLinear), so a
         # position's result must not depend on the other positions of its pass anywhere:
         # quantization turns the last-bit differences of a batched attention into visible

@@ -12,8 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from verispec.errors import InvalidArgumentError, VerispecError
-from verispec.options import (
+from verispec.cli.options import (
     add_model_options,
     add_pair_options,
     draft_kernels,
@@ -22,6 +21,7 @@ from verispec.options import (
     int_arg,
     load_pair,
 )
+from verispec.errors import InvalidArgumentError, VerispecError
 
 DEFAULT_PROMPT = (
     "Write a Python function `is_palindrome(s: str) -> bool` that ignores case and "
@@ -192,7 +192,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _presets() -> int:
-    from verispec import presets
+    from verispec.models import presets
 
     for name, preset in presets.PRESETS.items():
         print(f"{name:22} {preset.description}")

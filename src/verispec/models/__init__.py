@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import torch
 
-from verispec import kernels as kernels_module
 from verispec.errors import (
     IncompatibleTokenizersError,
     InvalidArgumentError,
@@ -25,6 +24,7 @@ from verispec.errors import (
     ModelNotFoundError,
     VerispecError,
 )
+from verispec.models import kernels as kernels_module
 
 RUNNERS = ("auto", "lean", "hf")
 
@@ -96,7 +96,7 @@ def forward_each(
 
 @dataclass
 class HFCache:
-    """A transformers ``DynamicCache`` (or a :class:`~verispec.lean.LeanCache`) and its length."""
+    """A transformers ``DynamicCache`` or a lean runner's ``LeanCache``, and its length."""
 
     kv: Any
     length: int = 0
@@ -122,9 +122,12 @@ class HFModel:
     name: str
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
     runner: str = "auto"  # "lean": verispec's direct loop over the modules; "hf": transformers'
+    # Fused projections per decoder layer (kernels.Kernels.fused), which the lean runner
+    # uses in place of the separate ones; this model owns them.
+    fused: tuple[tuple[Any, Any] | None, ...] = ()
 
     def __post_init__(self) -> None:
-        from verispec.lean import LeanRunner, lean_unsupported
+        from verispec.models.lean import LeanRunner, lean_unsupported
 
         if self.runner not in RUNNERS:
             raise InvalidArgumentError(
@@ -134,7 +137,7 @@ class HFModel:
         if self.runner != "hf":
             reason = lean_unsupported(self.hf)
             if reason is None:
-                self.lean = LeanRunner(self.hf)
+                self.lean = LeanRunner(self.hf, self.fused)
             elif self.runner == "lean":
                 raise InvalidArgumentError(f"{self.name}: no lean forward for {reason}")
         self.runner = "lean" if self.lean is not None else "hf"
@@ -143,7 +146,7 @@ class HFModel:
         self.vocab_size: int = int(self.hf.get_output_embeddings().out_features)
         self.max_context: int = int(getattr(config, "max_position_embeddings", 0) or 2048)
         self.device: torch.device = next(self.hf.parameters()).device
-        self.kernels: str = "default"  # what verispec.kernels.optimize applied
+        self.kernels: str = "default"  # what verispec.models.kernels.optimize applied
         # forward_batch takes token trees and caches move positions: the lean runner's
         self.supports_tree: bool = self.lean is not None
 
@@ -172,7 +175,7 @@ class HFModel:
         parents: Sequence[list[int] | None] | None = None,
     ) -> list[torch.Tensor]:  # per sequence [num_logits[b] or len(tokens[b]), vocab]
         """Append ``tokens[b]`` to ``caches[b]`` for every b and score them, in one pass
-        with the lean runner (:meth:`verispec.lean.LeanRunner.forward_batch`), one by one
+        with the lean runner (:meth:`verispec.models.lean.LeanRunner.forward_batch`), one by one
         with transformers' forward. ``parents[b]`` (lean runner only) makes sequence b's
         tokens a tree."""
         if len(caches) != len(tokens) or not caches:
@@ -213,14 +216,14 @@ def exact_rows_limit(model: LanguageModel) -> int | None:
     """The longest draft whose verification scores each position exactly as a pass of
     its own would (an int8 target's per-query attention), or None when any is."""
     if isinstance(model, HFModel) and model.lean is not None and model.lean.exact_rows:
-        from verispec.lean import EXACT_ROWS_MAX
+        from verispec.models.lean import EXACT_ROWS_MAX
 
         return EXACT_ROWS_MAX - 1
     return None
 
 
 def kernel_description(model: LanguageModel) -> str:
-    """What runs ``model`` (runner, kernels, trimmed head), for keys of measured costs."""
+    """What runs ``model`` (runner, kernels, device), for keys of measured costs."""
     if isinstance(model, HFModel):
         return f"{model.runner}|{model.kernels}|{model.device}"
     return type(model).__name__
@@ -267,18 +270,18 @@ def load_model(
     """Load a model by preset name, local folder, GGUF file or hub id.
 
     Presets and GGUF files are converted once into the cache folder (see
-    :mod:`verispec.presets`); later loads read safetensors and take seconds.
+    :mod:`verispec.models.presets`); later loads read safetensors and take seconds.
     ``precision`` defaults to fp32 on CPU (bf16/fp16 matmuls are very slow on
     CPUs) and bf16 on CUDA; ``int8`` (CPU) quantizes the linear layers; ``int4``
     (CPU, draft models only: needs ``batch_invariant=False``) stores them in 4 bits.
-    ``kernels`` picks the CPU matmul kernels (:mod:`verispec.kernels`).
-    ``runner`` picks the forward pass: ``lean`` (:mod:`verispec.lean`, Llama
+    ``kernels`` picks the CPU matmul kernels (:mod:`verispec.models.kernels`).
+    ``runner`` picks the forward pass: ``lean`` (:mod:`verispec.models.lean`, Llama
     and Qwen2), ``hf`` (transformers') or ``auto`` (lean where supported).
     ``batch_invariant=False`` lets an int8 model's rows of one pass influence each
     other (fbgemm's per-call activation scale): a little faster, for draft models
     only, since a target's positions must score the same verified together or alone.
     ``compile_steps`` runs one-position passes through ``torch.compile``
-    (:meth:`verispec.lean.LeanRunner.compile_steps`; CPU and the lean runner only):
+    (:meth:`verispec.models.lean.LeanRunner.compile_steps`; CPU and the lean runner only):
     for draft models, whose decoding steps it makes about a fifth cheaper here and
     whose scores never change the output. ``"auto"`` compiles int4 models where it can
     (the one case measured to gain).
@@ -287,7 +290,7 @@ def load_model(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from verispec import presets
+    from verispec.models import presets
 
     source = presets.resolve_model_dir(
         spec, cache_dir=Path(cache_dir) if cache_dir else None, progress=progress
@@ -317,15 +320,20 @@ def load_model(
     )
     name = os.path.basename(spec.rstrip("/")) or spec
     model = HFModel(
-        hf=hf, tokenizer=tokenizer, name=name, eos_token_ids=_eos_ids(hf, tokenizer), runner=runner
+        hf=hf,
+        tokenizer=tokenizer,
+        name=name,
+        eos_token_ids=_eos_ids(hf, tokenizer),
+        runner=runner,
+        fused=applied.fused,
     )
-    model.kernels = applied + _compile_steps(model, compile_steps, device)
+    model.kernels = applied.description + _compile_steps(model, compile_steps, device)
     return model
 
 
 def _compile_steps(model: HFModel, choice: bool | str, device: str) -> str:
     """Apply ``load_model(compile_steps=...)``; returns what to add to ``model.kernels``."""
-    from verispec.lean import compiler_missing
+    from verispec.models.lean import compiler_missing
 
     if choice not in (True, False, "auto"):
         raise InvalidArgumentError(f"compile_steps must be True, False or 'auto', got {choice!r}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,10 +95,14 @@ def use_onednn(model: nn.Module) -> int:
     return count
 
 
-# Attribute names of the fused projections that :func:`quantize_int8` adds beside a
-# decoder layer's own ones (the lean forward uses them; transformers' ignores them).
-FUSED_QKV = "verispec_qkv_proj"
-FUSED_GATE_UP = "verispec_gate_up_proj"
+@dataclass(frozen=True)
+class Kernels:
+    """What :func:`optimize` applied: a description, and the fused projections (per
+    decoder layer: q|k|v and gate|up, or None where a layer has only its own ones)
+    that the lean forward runs in place of the separate ones."""
+
+    description: str
+    fused: tuple[tuple[nn.Module, nn.Module] | None, ...] = ()
 
 
 def _fuse(parts: Sequence[nn.Module]) -> nn.Linear | None:
@@ -119,26 +124,25 @@ def _fuse(parts: Sequence[nn.Module]) -> nn.Linear | None:
     return fused
 
 
-def fuse_projections(layer: nn.Module) -> bool:
-    """Give a Llama/Qwen2 decoder layer one q|k|v and one gate|up projection.
+def fuse_projections(layer: nn.Module) -> nn.ModuleDict | None:
+    """One q|k|v and one gate|up projection for a Llama/Qwen2 decoder layer
+    (``{"qkv": ..., "gate_up": ...}``), or None when the layer does not have that layout.
 
-    For int8 models: a small model's decode step is dominated by per-call costs
-    (fbgemm quantizes the activation on every call), so one call instead of
-    three (attention) and two (MLP) saves 3 of 7 calls per layer. The separate
-    projections stay for transformers' own forward. False when the layer does
-    not have that layout.
+    For quantized models: a small model's decode step is dominated by per-call costs
+    (fbgemm quantizes the activation on every call), so one call instead of three
+    (attention) and two (MLP) saves 3 of 7 calls per layer. The layer keeps its
+    separate projections for transformers' own forward; the fused ones belong to
+    whoever asked (:class:`Kernels`, then :class:`verispec.models.HFModel`).
     """
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     try:
         qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])  # type: ignore[union-attr]
         gate_up = _fuse([mlp.gate_proj, mlp.up_proj])  # type: ignore[union-attr]
     except AttributeError:
-        return False
+        return None
     if qkv is None or gate_up is None:
-        return False
-    setattr(attn, FUSED_QKV, qkv)
-    setattr(mlp, FUSED_GATE_UP, gate_up)
-    return True
+        return None
+    return nn.ModuleDict({"qkv": qkv, "gate_up": gate_up})
 
 
 class RowQuantizedLinear(nn.Module):
@@ -195,7 +199,9 @@ def _int8_per_channel(linear: nn.Linear) -> nn.Module:
     return quantized[0]  # type: ignore[no-any-return]
 
 
-def quantize_int8(model: nn.Module, *, per_row: bool = True) -> int:
+def quantize_int8(
+    model: nn.Module, *, per_row: bool = True
+) -> tuple[tuple[nn.Module, nn.Module] | None, ...]:
     """Dynamic int8 quantization of every ``nn.Linear`` (weights int8, activations fp32).
 
     ``per_row`` (for a target): :class:`RowQuantizedLinear` layers, whose rows do
@@ -205,7 +211,7 @@ def quantize_int8(model: nn.Module, *, per_row: bool = True) -> int:
     quantizes each call's input as a whole and is a little cheaper per call.
     Decoder layers also get fused q|k|v and gate|up projections
     (:func:`fuse_projections`), quantized layer by layer so that the fp32
-    copies never pile up. Returns the number of layers fused.
+    copies never pile up. Returns the fused projections per decoder layer.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the torch.ao API is deprecated but works in torch 2.x
@@ -232,18 +238,25 @@ def _replace_linears(
             setattr(parent, attr, make(child))
 
 
-def _quantize_layer_by_layer(model: nn.Module, quantize: Callable[[nn.Module], None]) -> int:
-    """Fuse each decoder layer's projections and quantize it, so that fp32 copies never
-    pile up; then the rest of the model. Returns the number of layers fused."""
-    fused = 0
+def _quantize_layer_by_layer(
+    model: nn.Module, quantize: Callable[[nn.Module], None]
+) -> tuple[tuple[nn.Module, nn.Module] | None, ...]:
+    """Fuse each decoder layer's projections and quantize the layer and its fused ones,
+    so that fp32 copies never pile up; then the rest of the model. Returns the fused
+    projections per decoder layer."""
+    fused: list[tuple[nn.Module, nn.Module] | None] = []
     for layer in getattr(getattr(model, "model", None), "layers", None) or []:
-        if fuse_projections(layer):
+        pair = fuse_projections(layer)
+        if pair is not None:
+            quantize(pair)
             quantize(layer)
-            fused += 1
+            fused.append((pair["qkv"], pair["gate_up"]))
+        else:
+            fused.append(None)
     # The output head is tied to the input embedding in some models; quantizing it
     # copies the weight, leaving the embedding untouched.
     quantize(model)
-    return fused
+    return tuple(fused)
 
 
 def int4_available() -> bool:
@@ -323,13 +336,13 @@ class Int4Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def quantize_int4(model: nn.Module) -> int:
+def quantize_int4(model: nn.Module) -> tuple[tuple[nn.Module, nn.Module] | None, ...]:
     """Replace every ``nn.Linear`` of a draft model by an :class:`Int4Linear`.
 
     Decoder layers get fused q|k|v and gate|up projections first
     (:func:`fuse_projections`), converted layer by layer. Layers whose input
     width is not a multiple of the group size (only in tiny test models) stay
-    fp32. Returns the number of layers fused.
+    fp32. Returns the fused projections per decoder layer.
     """
     if not int4_available():
         raise InvalidArgumentError(
@@ -358,7 +371,7 @@ def optimize(
     kernels: str = "auto",
     precision: str = "fp32",
     batch_invariant: bool = True,
-) -> str:
+) -> Kernels:
     """Apply the chosen kernels / precision to a loaded HF model in place.
 
     ``batch_invariant=False`` (drafts): int8 layers may let the rows of one call
@@ -376,17 +389,21 @@ def optimize(
                 "coarser than the bundled Q4_K_M weights' 6-bit tensors"
             )
         fused = quantize_int4(model)
+        n = sum(f is not None for f in fused)
         groups = f"groups of {INT4_GROUP_SIZE}"
-        return f"int4 weights ({groups}; q|k|v and gate|up fused in {fused} layers)"
+        return Kernels(f"int4 weights ({groups}; q|k|v and gate|up fused in {n} layers)", fused)
     if precision == "int8":
         if device != "cpu":
             raise InvalidArgumentError("int8 precision is a CPU option; use bf16 on a GPU")
         fused = quantize_int8(model, per_row=batch_invariant)
+        n = sum(f is not None for f in fused)
         how = "fbgemm, per-row activations and per-channel weights" if batch_invariant else "fbgemm"
-        return f"int8 dynamic quantization ({how}; q|k|v and gate|up fused in {fused} layers)"
+        return Kernels(
+            f"int8 dynamic quantization ({how}; q|k|v and gate|up fused in {n} layers)", fused
+        )
     if device != "cpu" or precision != "fp32":
-        return f"default {precision} kernels"
+        return Kernels(f"default {precision} kernels")
     if kernels == "default" or not onednn_available():
-        return "default fp32 kernels"
+        return Kernels("default fp32 kernels")
     n = use_onednn(model)
-    return f"oneDNN prepacked fp32 ({n} linear layers)"
+    return Kernels(f"oneDNN prepacked fp32 ({n} linear layers)")

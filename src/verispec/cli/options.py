@@ -4,11 +4,11 @@ loading the models they name."""
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from verispec.drafters import Drafter
-    from verispec.models import LanguageModel
+    from verispec.drafting import Drafter
+    from verispec.models import HFModel, LanguageModel
 
 
 def int_arg(text: str) -> int:
@@ -42,7 +42,7 @@ def add_pair_options(
     default_drafter: str = "model",
 ) -> None:
     """--target, --draft and --drafter, shared by the commands that generate."""
-    from verispec import presets
+    from verispec.models import presets
 
     parser.add_argument(
         "--target", default=presets.DEFAULT_TARGET, help="preset, local folder, GGUF file or hub id"
@@ -97,33 +97,43 @@ def compile_choice(args: argparse.Namespace) -> bool | str:
     return {"on": True, "off": False}.get(getattr(args, "draft_compile", "auto"), "auto")
 
 
+def load_role(
+    args: argparse.Namespace, spec: str, *, role: Literal["target", "draft"], progress: bool
+) -> HFModel:
+    """Load ``spec`` as the target or the draft with the shared model options
+    (``--precision`` / ``--draft-precision``, ``--kernels``, ``--runner``, ``--device``,
+    ``--draft-compile``): a draft defaults to int4 on a CPU, and its scores may vary with
+    its batch (they never change the output)."""
+    from verispec.models import default_device, default_draft_precision, load_model
+
+    device = args.device or default_device()
+    precision = args.precision
+    if role == "draft":
+        precision = args.draft_precision or default_draft_precision(device)
+    return load_model(
+        spec,
+        cache_dir=args.cache_dir,
+        device=device,
+        precision=precision,
+        kernels=args.kernels,
+        runner=args.runner,
+        batch_invariant=role != "draft",
+        compile_steps=compile_choice(args) if role == "draft" else False,
+        progress=progress,
+    )
+
+
 def load_pair(
     args: argparse.Namespace, *, progress: bool
 ) -> tuple[LanguageModel, dict[str, Drafter[Any] | None]]:
     """Load the target (and the draft model where ``--drafter`` needs one); the drafters
-    by name (:func:`verispec.drafters.drafter_menu`)."""
-    from verispec.drafters import drafter_menu
-    from verispec.models import default_device, default_draft_precision, load_model
+    by name (:func:`verispec.drafting.drafter_menu`)."""
+    from verispec.drafting import drafter_menu
 
-    device = args.device or default_device()
-    common = {
-        "cache_dir": args.cache_dir,
-        "device": device,
-        "kernels": args.kernels,
-        "runner": args.runner,
-    }
-    target = load_model(args.target, precision=args.precision, progress=progress, **common)
+    target = load_role(args, args.target, role="target", progress=progress)
     draft = None
     if args.drafter in ("model", "hybrid"):
-        draft_precision = args.draft_precision or default_draft_precision(device)
-        draft = load_model(
-            args.draft,
-            precision=draft_precision,
-            batch_invariant=False,  # a draft's scores never change the output
-            compile_steps=compile_choice(args),
-            progress=progress,
-            **common,
-        )
+        draft = load_role(args, args.draft, role="draft", progress=progress)
     return target, drafter_menu(target, draft, ngram=args.ngram)
 
 
