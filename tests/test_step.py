@@ -415,3 +415,43 @@ def test_hybrid_in_a_scheduled_batch_uses_lookup_and_model(target, menu) -> None
     free = sum(r[2].free_drafted for r in results)
     drafted = sum(r[2].drafted for r in results)
     assert drafted > free > 0
+
+
+def test_the_readme_drafter_and_a_bad_drafter_served_over_http(target, menu) -> None:
+    """The README's phrase drafter as a server's drafter: the official client's greedy
+    output equals plain decoding. A drafter that raises ends just its request, with an
+    error in OpenAI's shape (an error event in a stream); other requests go on."""
+    from openai import APIError, OpenAI
+    from server_support import serve
+
+    from verispec.server.app import create_app
+
+    drafters = {"none": None, "phrases": menu["phrases"]}
+    scheduler = Scheduler(target, drafters, default="phrases", max_batch=4, num_draft_tokens=4)
+    with serve(create_app(scheduler, model_name="m"), scheduler) as server:
+        client = OpenAI(base_url=server.base_url, api_key="none")
+        for prompt in PROMPTS[:3]:
+            reply = client.completions.create(model="m", prompt=prompt, max_tokens=12)
+            plain = generate(target, None, prompt, max_new_tokens=12)
+            assert reply.choices[0].text == plain.text
+            assert reply.model_extra["speculation"]["target_passes"] <= 12
+        assert (
+            sum(
+                client.completions.create(model="m", prompt=p, max_tokens=12).model_extra[
+                    "speculation"
+                ]["accepted"]
+                for p in PROMPTS[:2]
+            )
+            > 0
+        )  # its phrases are the target's own continuations of these prompts
+    bad = {"none": None, "bad": BadDrafter("raises", trigger=120)}
+    scheduler = Scheduler(target, bad, default="bad", max_batch=4, num_draft_tokens=2)
+    with serve(create_app(scheduler, model_name="m"), scheduler) as server:
+        client = OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+        with pytest.raises(APIError, match="drafter 'bad \\(raises\\)' failed"):
+            client.completions.create(model="m", prompt=PROMPTS[5], max_tokens=8)
+        stream = client.completions.create(model="m", prompt=PROMPTS[5], max_tokens=8, stream=True)
+        with pytest.raises(APIError, match="drafter 'bad"):
+            list(stream)
+        fine = client.completions.create(model="m", prompt=PROMPTS[3], max_tokens=8)
+        assert fine.choices[0].text == generate(target, None, PROMPTS[3], max_new_tokens=8).text

@@ -38,16 +38,14 @@ KERNELS = ("auto", "default", "onednn")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
 INT4_GROUP_SIZE = 32
 # torch's CPU int4 kernel is a matrix-vector kernel: for more rows than this, an int4
-# draft's passes run on an fbgemm int8 copy of the weights instead. Whole 0.5B draft
-# pass after 200 cached tokens, 2 threads (ms, int4 / int8): 3 rows 29 / 30, 4 rows 32 /
-# 30, 6 rows 51 / 32, 17 rows 113 / 46; a 300-token prompt 1466 / 440.
+# draft's passes run on an fbgemm int8 copy of the weights instead (the crossover
+# measured on the project's machines is in docs/tuning.md, Kernels).
 INT4_MAX_ROWS = 4
 
 
-# oneDNN's prepacked fp32 linear is slower for 1-2 rows than for 3-6 on the AVX2 CPU
-# this project is measured on (per 8960x1536 layer, 2 threads: 1.9 / 2.3 / 1.7 / 1.6 /
-# 1.5 / 1.5 ms for 1..6 rows, then 1.9-2.7 ms for 7-16), so shorter inputs are padded
-# with zero rows to this count. Rows are independent: padding never changes a result.
+# oneDNN's prepacked fp32 linear was measured slower for 1-2 rows than for 3-6 (docs/
+# tuning.md, Kernels), so shorter inputs are padded with zero rows to this count. Rows
+# are independent: padding never changes a result.
 ONEDNN_MIN_ROWS = 6
 
 
@@ -275,10 +273,9 @@ class Int4Linear(nn.Module):
     spanning the group's min and max. (The bundled GGUF models are Q4_K, whose
     blocks of 32 are such grids already, so their weights survive nearly
     unchanged.) Activations are cast to bf16 for torch's CPU int4 kernel
-    (``_weight_int4pack_mm_for_cpu``) and the result back to the input's dtype.
-    On the 2-core machine this project is measured on, a 0.5B model's 24 layers
-    take 12 ms per one-token step this way against 18 ms with fbgemm int8. That
-    kernel is slow for many rows, so calls of more than ``INT4_MAX_ROWS`` rows
+    (``_weight_int4pack_mm_for_cpu``) and the result back to the input's dtype: half
+    the weight bytes of int8 per decode step. That kernel is slow for many rows, so
+    calls of more than ``INT4_MAX_ROWS`` rows
     (the draft's pass over a prompt) run on an fbgemm int8 copy of the grid's
     weights (per output channel).
     """
