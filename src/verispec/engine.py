@@ -242,9 +242,8 @@ def step(target: LanguageModel, seqs: Sequence[SequenceState]) -> list[StepEvent
     ks = [draft_length(target, s) for s in seqs]
     policies = [s.policy for s in seqs if s.policy is not None]
     if len(seqs) > 1 and policies:
-        cap = plan_batch(
-            policies[0].costs, policies, [k for s, k in zip(seqs, ks, strict=True) if s.policy]
-        )
+        planned = [k for s, k in zip(seqs, ks, strict=True) if s.policy is not None]
+        cap = plan_batch(policies[0].costs, policies, planned)
         ks = [min(k, cap) if s.policy is not None else k for s, k in zip(seqs, ks, strict=True)]
     # 2. Propose: each drafter for all of its sequences at once.
     t0 = time.perf_counter()
@@ -318,11 +317,16 @@ def _propose(
             )
             if len(got) != len(members):
                 raise DrafterError(f"returned {len(got)} drafts for {len(members)} sequences")
-        except Exception as exc:  # find which sequences fail: ask each on its own
-            log.warning("drafter %r failed on a batch (%s); asking one by one", drafter.name, exc)
-            got = [
-                _propose_one(drafter, seqs[i], r) for i, r in zip(members, requests, strict=True)
-            ]
+        except Exception as exc:
+            if len(members) == 1:  # nothing to tell apart: this sequence's drafter failed
+                log.exception("drafter %r failed", drafter.name)
+                got = [_failure(drafter, exc)]
+            else:  # find which sequences fail: ask each on its own
+                log.warning("drafter %r failed on a batch (%s); one by one", drafter.name, exc)
+                got = [
+                    _propose_one(drafter, seqs[i], r)
+                    for i, r in zip(members, requests, strict=True)
+                ]
         for i, request, draft in zip(members, requests, got, strict=True):
             drafts[i] = (
                 draft if isinstance(draft, str) else _checked(drafter, draft, request, target)
@@ -335,7 +339,11 @@ def _propose_one(drafter: Drafter[Any], seq: SequenceState, request: DraftReques
         return drafter.propose_batch([seq.proposer], [request])[0]
     except Exception as exc:
         log.exception("drafter %r failed", drafter.name)
-        return f"drafter {drafter.name!r} failed: {type(exc).__name__}: {exc}"
+        return _failure(drafter, exc)
+
+
+def _failure(drafter: Drafter[Any], exc: Exception) -> str:
+    return f"drafter {drafter.name!r} failed: {type(exc).__name__}: {exc}"
 
 
 def _checked(
