@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -38,6 +38,46 @@ class PeerRun:
     time_total: float  # seconds, prompt pass included
     pass_ends: list[float]  # seconds from the start to the end of each target pass
     pass_tokens: list[int]  # tokens each pass emitted
+    drafted: int | None = None  # draft tokens proposed, where the engine reports them
+    accepted: int | None = None  # of those, accepted by the target
+
+
+class PeerUnavailableError(InvalidArgumentError):
+    """A peer engine that is not installed, cannot be built or cannot run here.
+
+    The message is one line and names the command that installs it; the bench
+    prints it, skips that peer and goes on with the others.
+    """
+
+
+@runtime_checkable
+class ExternalPeer(Protocol):
+    """Another inference engine run on the bench's prompts (llama.cpp, OpenVINO GenAI).
+
+    It is opened once per bench run by its module's ``open_peer`` and given the
+    same chat-templated token ids, EOS ids and length limit as verispec. Peers
+    decode greedily.
+    """
+
+    engine: str  # "llama.cpp", "OpenVINO GenAI"
+    precision: str  # the target's weights as this engine ran them, e.g. "Q4_K_M (bundled GGUF)"
+    draft_precision: str | None  # the draft's, for its speculative mode
+    build: str  # one line: how the engine was built or installed, and its speculative settings
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        speculative: bool,
+        eos_token_ids: Collection[int],
+    ) -> PeerRun:
+        """Greedy decoding of ``prompt_ids``; ``speculative`` uses the engine's own drafting."""
+        ...
+
+    def close(self) -> None:
+        """Stop any process or free any memory the peer holds (safe to call twice)."""
+        ...
 
 
 class _PassTimer:

@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the bundled model presets")
 
+    from verispec.cli.kernels import add_arguments as add_kernel_arguments
+
+    kernels = sub.add_parser(
+        "kernels", help="measure and print this machine's kernel and precision tables"
+    )
+    add_kernel_arguments(kernels)
+
     from verispec.bench.command import add_arguments as add_bench_arguments
 
     bench = sub.add_parser("bench", help="measure speedups on real prompt sets")
@@ -208,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from verispec.bench.command import run as run_bench
 
             return run_bench(args)
+        if args.command == "kernels":
+            from verispec.cli.kernels import run as run_kernels
+
+            return run_kernels(args)
         if args.command == "serve":
             from verispec.server.command import run as run_serve
 

@@ -57,17 +57,20 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads models."""
     parser.add_argument(
         "--precision",
-        choices=["fp32", "bf16", "fp16", "int8"],
+        choices=["fp32", "bf16", "fp16", "int8", "int8w", "auto"],
         default=None,
-        help="target precision (default: fp32 on CPU, bf16 on CUDA); int8 changes the output "
-        "(to plain int8 decoding's, which speculation then reproduces)",
+        help="target precision (default: fp32 on CPU, the bundled weights exactly; bf16 on "
+        "CUDA). bf16, int8 (int8 weights and activations) and int8w (int8 weights, bf16 "
+        "activations) change the output, to that precision's own plain decoding, which "
+        "speculation then reproduces; auto: the fastest here whose greedy answers agree with "
+        "fp32's (measured once, see `verispec kernels`)",
     )
     parser.add_argument(
         "--draft-precision",
-        choices=["fp32", "bf16", "fp16", "int8", "int4"],
+        choices=["fp32", "bf16", "fp16", "int8", "int8w", "int4", "auto"],
         default=None,
-        help="draft precision (default: int4 on CPU, bf16 on CUDA); never changes the output, "
-        "only the acceptance rate",
+        help="draft precision (default: auto on CPU, the cheapest step measured on this "
+        "machine; bf16 on CUDA); never changes the output, only the acceptance rate",
     )
     parser.add_argument(
         "--draft-compile",
@@ -81,7 +84,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--kernels",
         choices=["auto", "default", "onednn"],
         default="auto",
-        help="CPU matmul kernels (auto: oneDNN prepacked fp32 where available)",
+        help="CPU matmul kernels for fp32/bf16 (auto: per layer shape, the fastest measured on "
+        "this machine that scores a target's rows exactly; see `verispec kernels`)",
     )
     parser.add_argument(
         "--runner",
@@ -102,7 +106,8 @@ def load_role(
 ) -> HFModel:
     """Load ``spec`` as the target or the draft with the shared model options
     (``--precision`` / ``--draft-precision``, ``--kernels``, ``--runner``, ``--device``,
-    ``--draft-compile``): a draft defaults to int4 on a CPU, and its scores may vary with
+    ``--draft-compile``): a draft's precision defaults to the one measured cheapest on a
+    CPU, and its scores may vary with
     its batch (they never change the output)."""
     from verispec.models import default_device, default_draft_precision, load_model
 

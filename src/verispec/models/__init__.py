@@ -10,9 +10,11 @@ so tests can plug in a tiny table model and the server can batch sequences.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -125,6 +127,9 @@ class HFModel:
     # Fused projections per decoder layer (kernels.Kernels.fused), which the lean runner
     # uses in place of the separate ones; this model owns them.
     fused: tuple[tuple[Any, Any] | None, ...] = ()
+    # Score each position of a short pass exactly as a pass of its own would (reduced-
+    # precision targets, whose rounding turns last-bit differences into visible ones).
+    exact: bool = False
 
     def __post_init__(self) -> None:
         from verispec.models.lean import LeanRunner, lean_unsupported
@@ -137,7 +142,7 @@ class HFModel:
         if self.runner != "hf":
             reason = lean_unsupported(self.hf)
             if reason is None:
-                self.lean = LeanRunner(self.hf, self.fused)
+                self.lean = LeanRunner(self.hf, self.fused, exact=self.exact)
             elif self.runner == "lean":
                 raise InvalidArgumentError(f"{self.name}: no lean forward for {reason}")
         self.runner = "lean" if self.lean is not None else "hf"
@@ -147,6 +152,7 @@ class HFModel:
         self.max_context: int = int(getattr(config, "max_position_embeddings", 0) or 2048)
         self.device: torch.device = next(self.hf.parameters()).device
         self.kernels: str = "default"  # what verispec.models.kernels.optimize applied
+        self.precision: str = _dtype_name(next(self.hf.parameters()).dtype)
         # forward_batch takes token trees and caches move positions: the lean runner's
         self.supports_tree: bool = self.lean is not None
 
@@ -212,6 +218,10 @@ class HFModel:
         return results
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
 def exact_rows_limit(model: LanguageModel) -> int | None:
     """The longest draft whose verification scores each position exactly as a pass of
     its own would (an int8 target's per-query attention), or None when any is."""
@@ -247,12 +257,13 @@ def default_device() -> str:
 
 
 def default_draft_precision(device: str) -> str | None:
-    """A draft model's precision unless the user picks one: int4 on a CPU (int8 where this
-    torch lacks the int4 kernels), the device's default elsewhere. A draft's precision
+    """A draft model's precision unless the user picks one: on a CPU, ``auto`` (the
+    precision whose step is measured cheapest here, :func:`verispec.models.tuning.
+    fastest_draft_precision`), the device's default elsewhere. A draft's precision
     never changes the output, only how often its tokens are accepted."""
     if device != "cpu":
         return None
-    return "int4" if kernels_module.int4_available() else "int8"
+    return "auto"
 
 
 def load_model(
@@ -271,10 +282,15 @@ def load_model(
 
     Presets and GGUF files are converted once into the cache folder (see
     :mod:`verispec.models.presets`); later loads read safetensors and take seconds.
-    ``precision`` defaults to fp32 on CPU (bf16/fp16 matmuls are very slow on
-    CPUs) and bf16 on CUDA; ``int8`` (CPU) quantizes the linear layers; ``int4``
-    (CPU, draft models only: needs ``batch_invariant=False``) stores them in 4 bits.
-    ``kernels`` picks the CPU matmul kernels (:mod:`verispec.models.kernels`).
+    ``precision`` defaults to fp32 on CPU (the bundled weights exactly as dequantized)
+    and bf16 on CUDA; ``bf16`` runs bf16 weights and activations; ``int8`` (CPU)
+    quantizes the linear layers' weights and activations, ``int8w`` their weights only;
+    ``int4`` (CPU, draft models only: needs ``batch_invariant=False``) stores them in 4
+    bits; ``auto``: for a target the fastest precision on this machine whose greedy
+    answers agree with fp32's, for a draft the one with the cheapest step
+    (:mod:`verispec.models.tuning`, measured once and cached). A precision this machine
+    cannot run is refused. ``kernels`` picks the CPU matmul kernels
+    (:mod:`verispec.models.kernels`; ``auto``: per layer shape, by measurement).
     ``runner`` picks the forward pass: ``lean`` (:mod:`verispec.models.lean`, Llama
     and Qwen2), ``hf`` (transformers') or ``auto`` (lean where supported).
     ``batch_invariant=False`` lets an int8 model's rows of one pass influence each
@@ -286,7 +302,6 @@ def load_model(
     whose scores never change the output. ``"auto"`` compiles int4 models where it can
     (the one case measured to gain).
     """
-    from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -300,8 +315,25 @@ def load_model(
         raise InvalidArgumentError(f"unknown device {device!r}; use cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidArgumentError("--device cuda was asked for but no CUDA GPU is available")
+    from verispec.models import tuning
+
     precision = precision or ("bf16" if device.startswith("cuda") else "fp32")
-    kernels_module.check_choice(kernels, precision)
+    if precision == "auto" and device != "cpu":
+        precision = "bf16"
+    tuning_dir = Path(cache_dir) if cache_dir else presets.default_cache_dir()
+    chosen = ""
+    if precision == "auto" and batch_invariant:  # a target: by speed and greedy agreement
+        precision, chosen = _auto_target_precision(
+            spec, source, tuning_dir, device=device, kernels=kernels, runner=runner
+        )
+    if precision != "auto":
+        kernels_module.check_choice(kernels, precision)
+        runnable = tuning.runnable_precisions(device, target=batch_invariant)
+        if precision not in runnable and precision != "int4":
+            raise InvalidArgumentError(
+                f"precision {precision!r} cannot run on this machine ({device}, torch "
+                f"{torch.__version__}); it can run {runnable}"
+            )
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     from transformers.utils import logging as hf_logging
 
@@ -315,8 +347,19 @@ def load_model(
         raise ModelFormatError(f"cannot load model {spec!r}: {exc}") from exc
     hf = hf.to(device)  # type: ignore[arg-type]
     hf.eval()
+    if precision == "auto":  # a draft on a CPU: the cheapest step measured here
+        precision, steps = tuning.fastest_draft_precision(hf, cache_dir=tuning_dir)
+        listed = ", ".join(f"{p} {s * 1e3:.1f} ms" for p, s in steps.items())
+        chosen = f"; precision chosen by measurement (linear layers per step: {listed})"
+        if precision == "bf16":
+            hf = hf.to(torch.bfloat16)
     applied = kernels_module.optimize(
-        hf, device=device, kernels=kernels, precision=precision, batch_invariant=batch_invariant
+        hf,
+        device=device,
+        kernels=kernels,
+        precision=precision,
+        batch_invariant=batch_invariant,
+        cache_dir=tuning_dir,
     )
     name = os.path.basename(spec.rstrip("/")) or spec
     model = HFModel(
@@ -326,9 +369,53 @@ def load_model(
         eos_token_ids=_eos_ids(hf, tokenizer),
         runner=runner,
         fused=applied.fused,
+        exact=batch_invariant and precision != "fp32",
     )
-    model.kernels = applied.description + _compile_steps(model, compile_steps, device)
+    model.precision = precision
+    model.kernels = applied.description + chosen + _compile_steps(model, compile_steps, device)
     return model
+
+
+def _auto_target_precision(
+    spec: str, source: str, cache_dir: Path, *, device: str, kernels: str, runner: str
+) -> tuple[str, str]:
+    """``--precision auto`` for a target: the fastest precision whose greedy answers agree
+    with fp32's (:func:`verispec.models.tuning.pick_precision`); returns it and a note."""
+    import json
+
+    from verispec.models import tuning
+
+    config = Path(source) / "config.json"
+    identity = (
+        json.dumps(json.loads(config.read_text()), sort_keys=True) if config.exists() else spec
+    )
+    runnable = tuning.runnable_precisions(device, target=True)
+    candidates = [p for p in tuning.TARGET_PRECISIONS if p in runnable]
+
+    def load(precision: str) -> HFModel:
+        return load_model(
+            source,
+            device=device,
+            precision=precision,
+            kernels=kernels,
+            runner=runner,
+            cache_dir=cache_dir,
+            progress=False,
+        )
+
+    trials = tuning.cached_trials(
+        spec,
+        identity,
+        load,
+        cache_dir=cache_dir,
+        precisions=candidates,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    best = tuning.pick_precision(trials)
+    listed = ", ".join(
+        f"{t.precision} {t.pass_seconds[0] * 1e3:.0f} ms/{t.agreement:.0%}" for t in trials
+    )
+    return best.precision, f"; precision auto (pass time / greedy agreement with fp32: {listed})"
 
 
 def _compile_steps(model: HFModel, choice: bool | str, device: str) -> str:
@@ -347,9 +434,8 @@ def _compile_steps(model: HFModel, choice: bool | str, device: str) -> str:
         why_not = "torch.compile cannot trace oneDNN prepacked layers (--kernels default can be)"
     else:
         why_not = compiler_missing()
-    # Measured on the bundled 0.5B draft (2 cores): int4 steps compile to 17% less
-    # time; int8 steps get slower (fbgemm's quantized ops split the graph), and fp32
-    # oneDNN layers cannot be traced; so auto compiles int4 models only.
+    # int8 steps do not gain (fbgemm's quantized ops split the graph) and oneDNN layers
+    # cannot be traced; so auto compiles int4 models only (docs/tuning.md has the timings).
     int4 = any(isinstance(m, kernels_module.Int4Linear) for m in model.hf.modules())
     if choice == "auto" and (why_not is not None or not int4):
         return ""

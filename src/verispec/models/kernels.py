@@ -1,32 +1,39 @@
-"""CPU kernels that keep scoring k + 1 positions close to the cost of one.
+"""CPU kernels for linear layers, and the precisions they run.
 
-On a CPU, PyTorch's default fp32 ``F.linear`` is a fast matrix-vector product
-for one new token, but for 2-16 tokens it falls onto a GEMM path that can cost
-several times more (see shared FACTS.md). Speculative decoding lives on
-multi-token passes, so verispec swaps every ``nn.Linear`` of a model for one of:
+Which kernel is fastest, and whether it scores each row of a call the same
+whatever else is in the call, depends on the processor (on some, PyTorch's
+default fp32 ``F.linear`` takes a slower GEMM path for 2-16 rows; on others bf16
+through oneDNN costs about the same for 32 rows as for one): so
+:mod:`verispec.models.tuning` measures the candidates and :func:`optimize` applies
+its choice. The layers:
 
-``onednn``
-    fp32 weights reordered once into oneDNN's blocked layout
+``OneDNNLinear``
+    fp32 or bf16 weights reordered once into oneDNN's blocked layout
     (``torch.ops.mkldnn._reorder_linear_weight``) and run with
-    ``_linear_pointwise``: same math, logits within 1e-4 of the default path.
+    ``_linear_pointwise`` (fp32: same math, logits within 1e-4 of the default
+    path); short calls padded with zero rows where measured to pay or to make rows
+    exact (``PaddedLinear`` does the same for the default kernel).
 ``int8``
-    dynamic int8 quantization (``torch.ao.quantization.quantize_dynamic``):
-    int8 weights, fp32 activations. It changes the model's outputs, so it is
-    a precision the user chooses (e.g. for the draft model, where precision
-    only changes the acceptance rate, never the output).
+    dynamic int8 quantization (fbgemm): int8 weights and activations
+    (:class:`RowQuantizedLinear` for targets, whose rows must not depend on each other).
+``int8w``
+    int8 weights, bf16 activations (:class:`Int8WeightOnlyLinear`).
 ``int4`` (draft models)
     4-bit weights in groups of 32 inputs, each group with its own scale and
     zero point, run by torch's CPU int4 kernel with bf16 activations
     (:class:`Int4Linear`): half the weight bytes of int8 per decode step.
 
-Plain and speculative decoding always run on the same kernels.
+Reduced precisions change a target's output (to that precision's own plain
+decoding, which speculation then reproduces); a draft's never changes it. Plain
+and speculative decoding always run on the same kernels.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,61 +42,95 @@ from torch import nn
 from verispec.errors import InvalidArgumentError
 
 KERNELS = ("auto", "default", "onednn")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int8w", "int4")
 INT4_GROUP_SIZE = 32
 # torch's CPU int4 kernel is a matrix-vector kernel: for more rows than this, an int4
-# draft's passes run on an fbgemm int8 copy of the weights instead (the crossover
-# measured on the project's machines is in docs/tuning.md, Kernels).
+# draft's passes run on an fbgemm int8 copy of the weights instead (Int4Linear; the
+# kernel table of `verispec kernels` times both sides of the crossover on a machine).
 INT4_MAX_ROWS = 4
 
 
-# oneDNN's prepacked fp32 linear was measured slower for 1-2 rows than for 3-6 (docs/
-# tuning.md, Kernels), so shorter inputs are padded with zero rows to this count. Rows
-# are independent: padding never changes a result.
-ONEDNN_MIN_ROWS = 6
-
-
 class OneDNNLinear(nn.Module):
-    """``nn.Linear`` with its weight prepacked for oneDNN; same outputs, faster for M > 1.
+    """``nn.Linear`` (fp32 or bf16) with its weight prepacked for oneDNN; same math.
 
-    Inputs with fewer than ``min_rows`` rows are padded with zeros (see
-    :data:`ONEDNN_MIN_ROWS`) and the padding is dropped from the output.
+    Inputs with fewer than ``min_rows`` rows are padded with zero rows and the
+    padding is dropped from the output (rows are independent, so padding never
+    changes a result). The padding is chosen by measurement
+    (:mod:`verispec.models.tuning`): where a one-row call takes another code path,
+    padding it makes every call score its rows alike, and where short calls are
+    slower than longer ones, padding makes them cheaper.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, *, min_rows: int = 1) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        weight = linear.weight.detach().float().contiguous()
+        dtype = linear.weight.dtype if linear.weight.dtype == torch.bfloat16 else torch.float32
+        weight = linear.weight.detach().to(dtype).contiguous()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
-        self.min_rows = ONEDNN_MIN_ROWS
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype).contiguous()
+        self.dtype = dtype
+        self.min_rows = min_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         shape = x.shape
-        flat = x.reshape(-1, self.in_features)  # [M, in]
+        flat = x.reshape(-1, self.in_features).to(self.dtype)  # [M, in]
         rows = flat.shape[0]
         if rows < self.min_rows:
             flat = torch.cat([flat, flat.new_zeros(self.min_rows - rows, self.in_features)])
         out = torch.ops.mkldnn._linear_pointwise(
             flat.contiguous(), self.packed, self.bias, "none", [], ""
         )  # [max(M, min_rows), out]
-        return out[:rows].reshape(*shape[:-1], self.out_features)
+        return out[:rows].reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """``nn.Linear`` with int8 weights (one scale per output channel) and bf16
+    activations, run by torch's ``_weight_int8pack_mm``: a quarter of fp32's weight
+    bytes, with no quantization of the activations; the result is cast back to the
+    input's dtype."""
+
+    weight_int8: torch.Tensor  # [out, in] int8
+    scale: torch.Tensor  # [out] bf16
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach().float()
+        scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)  # [out]
+        self.register_buffer(
+            "weight_int8", torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        )
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def int8_weight_only_available() -> bool:
+    return hasattr(torch, "_weight_int8pack_mm")
 
 
 def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available())
 
 
-def use_onednn(model: nn.Module) -> int:
-    """Replace every fp32 ``nn.Linear`` in ``model`` by :class:`OneDNNLinear`; returns the count."""
+def use_onednn(model: nn.Module, *, min_rows: int = 2) -> int:
+    """Replace every fp32 or bf16 ``nn.Linear`` in ``model`` by :class:`OneDNNLinear`
+    (padding to ``min_rows``); returns the count."""
     count = 0
     for name, child in list(model.named_children()):
-        if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32:
-            setattr(model, name, OneDNNLinear(child))
+        if type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
+            setattr(model, name, OneDNNLinear(child, min_rows=min_rows))
             count += 1
         else:
-            count += use_onednn(child)
+            count += use_onednn(child, min_rows=min_rows)
     return count
 
 
@@ -183,6 +224,17 @@ class RowQuantizedLinear(nn.Module):
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*shape[:-1], self.out_features)
+
+
+def int8_draft_linear(linear: nn.Linear) -> nn.Module:
+    """fbgemm's dynamic int8 linear of ``linear`` as a draft gets it (one activation
+    scale per call, weights per tensor)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the torch.ao API is deprecated but works in torch 2.x
+        from torch.ao.quantization import quantize_dynamic
+
+        quantized = quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
+    return quantized[0]  # type: ignore[no-any-return]
 
 
 def _int8_per_channel(linear: nn.Linear) -> nn.Module:
@@ -361,6 +413,50 @@ def check_choice(kernels: str, precision: str) -> None:
         )
 
 
+class PaddedLinear(nn.Module):
+    """A plain ``nn.Linear`` whose calls of fewer than ``min_rows`` rows are padded with
+    zero rows (see :class:`OneDNNLinear`)."""
+
+    def __init__(self, linear: nn.Linear, *, min_rows: int) -> None:
+        super().__init__()
+        self.inner = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.min_rows = min_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        flat = x.reshape(-1, self.in_features)
+        rows = flat.shape[0]
+        if rows < self.min_rows:
+            flat = torch.cat([flat, flat.new_zeros(self.min_rows - rows, self.in_features)])
+        out = self.inner(flat)[:rows]
+        return out.reshape(*x.shape[:-1], self.out_features)  # type: ignore[no-any-return]
+
+
+def apply_choices(model: nn.Module, choices: Mapping[tuple[int, int], Any]) -> dict[str, int]:
+    """Swap each ``nn.Linear`` for the kernel chosen for its shape
+    (:func:`verispec.models.tuning.choose_kernels`); returns layers per kernel."""
+    counts: dict[str, int] = {}
+    for name, child in list(model.named_modules()):
+        if type(child) is not nn.Linear:
+            continue
+        choice = choices.get((child.out_features, child.in_features))
+        if choice is None:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if choice.kernel == "onednn":
+            setattr(parent, attr, OneDNNLinear(child, min_rows=choice.min_rows))
+        elif choice.min_rows > 1:
+            setattr(parent, attr, PaddedLinear(child, min_rows=choice.min_rows))
+        key = (
+            f"{choice.kernel} (rows padded to {choice.min_rows})"
+            if choice.min_rows > 1
+            else choice.kernel
+        )
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def optimize(
     model: Any,
     *,
@@ -368,17 +464,21 @@ def optimize(
     kernels: str = "auto",
     precision: str = "fp32",
     batch_invariant: bool = True,
+    cache_dir: Path | None = None,
 ) -> Kernels:
     """Apply the chosen kernels / precision to a loaded HF model in place.
 
-    ``batch_invariant=False`` (drafts): int8 layers may let the rows of one call
-    influence each other (cheaper per call; see :func:`quantize_int8`).
+    fp32 and bf16 on a CPU: each linear-layer shape gets the kernel measured fastest
+    on this machine (:mod:`verispec.models.tuning`, cached in ``cache_dir``; for a
+    target, ``batch_invariant``, only kernels that score each row alike in calls of
+    any size). ``batch_invariant=False`` (drafts): int8 layers may let the rows of
+    one call influence each other (cheaper per call; see :func:`quantize_int8`).
     Returns a short description of what was applied (for statistics and logs).
     """
     check_choice(kernels, precision)
+    if precision in ("int4", "int8", "int8w") and device != "cpu":
+        raise InvalidArgumentError(f"{precision} precision is a CPU option; use bf16 on a GPU")
     if precision == "int4":
-        if device != "cpu":
-            raise InvalidArgumentError("int4 precision is a CPU option; use bf16 on a GPU")
         if batch_invariant:
             raise InvalidArgumentError(
                 "int4 precision is for draft models only (load_model(..., batch_invariant=False), "
@@ -390,17 +490,43 @@ def optimize(
         groups = f"groups of {INT4_GROUP_SIZE}"
         return Kernels(f"int4 weights ({groups}; q|k|v and gate|up fused in {n} layers)", fused)
     if precision == "int8":
-        if device != "cpu":
-            raise InvalidArgumentError("int8 precision is a CPU option; use bf16 on a GPU")
         fused = quantize_int8(model, per_row=batch_invariant)
         n = sum(f is not None for f in fused)
         how = "fbgemm, per-row activations and per-channel weights" if batch_invariant else "fbgemm"
         return Kernels(
             f"int8 dynamic quantization ({how}; q|k|v and gate|up fused in {n} layers)", fused
         )
-    if device != "cpu" or precision != "fp32":
+    if precision == "int8w":
+        if not int8_weight_only_available():
+            raise InvalidArgumentError(
+                f"int8w precision needs torch._weight_int8pack_mm, missing in torch "
+                f"{torch.__version__}"
+            )
+        fused = _quantize_layer_by_layer(
+            model, lambda module: _replace_linears(module, Int8WeightOnlyLinear)
+        )
+        n = sum(f is not None for f in fused)
+        return Kernels(
+            f"int8 weights, bf16 activations (weight-only; q|k|v and gate|up fused in {n} layers)",
+            fused,
+        )
+    if device != "cpu" or precision == "fp16":
         return Kernels(f"default {precision} kernels")
     if kernels == "default" or not onednn_available():
-        return Kernels("default fp32 kernels")
-    n = use_onednn(model)
-    return Kernels(f"oneDNN prepacked fp32 ({n} linear layers)")
+        return Kernels(f"default {precision} kernels")
+    from verispec.models import tuning
+
+    table = tuning.linear_table(model, [precision], target=batch_invariant, cache_dir=cache_dir)
+    choices = tuning.choose_kernels(
+        table,
+        precision,
+        exact=batch_invariant,
+        use_rows=tuning.TARGET_ROWS if batch_invariant else tuning.DRAFT_ROWS,
+        only="onednn" if kernels == "onednn" else None,
+    )
+    counts = apply_choices(model, choices)
+    names = {"onednn": "oneDNN prepacked", "default": "default"}
+    parts = ", ".join(f"{names.get(k, k)} in {n}" for k, n in sorted(counts.items()))
+    inexact = batch_invariant and not all(c.exact for c in choices.values())
+    note = "; rows NOT exact across pass sizes" if inexact else ""
+    return Kernels(f"{precision} by measurement: {parts} linear layers{note}")

@@ -128,7 +128,9 @@ class LeanCache:
 class LeanRunner:
     """Runs a transformers Llama/Qwen2 model's modules without transformers' forward."""
 
-    def __init__(self, hf: Any, fused: Sequence[tuple[Any, Any] | None] = ()) -> None:
+    def __init__(
+        self, hf: Any, fused: Sequence[tuple[Any, Any] | None] = (), *, exact: bool = False
+    ) -> None:
         reason = lean_unsupported(hf)
         if reason is not None:
             raise ValueError(f"no lean forward for this model: {reason}")
@@ -157,8 +159,9 @@ class LeanRunner:
         # An int8 target quantizes each row on its own (kernels.RowQuantizedLinear), so a
         # position's result must not depend on the other positions of its pass anywhere:
         # quantization turns the last-bit differences of a batched attention into visible
-        # ones. Such a model's short passes attend query by query.
-        self.exact_rows = any(isinstance(m, RowQuantizedLinear) for m in hf.modules())
+        # ones. Such a model's short passes attend query by query, and so do those of a
+        # reduced-precision target (``exact``: bf16 rounding does the same).
+        self.exact_rows = exact or any(isinstance(m, RowQuantizedLinear) for m in hf.modules())
         self._cos = torch.empty(0, self.head_dim, device=self.device)
         self._sin = torch.empty(0, self.head_dim, device=self.device)
         self._step: Any = None  # the compiled one-position pass (compile_steps)

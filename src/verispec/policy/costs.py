@@ -68,7 +68,7 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def _time_passes(
+def time_passes(
     passes: list[tuple[LanguageModel, int]], context: list[int], repeats: int
 ) -> list[float]:
     """Median time of each ``(model, new tokens)`` pass on a warm cache, rounds interleaved.
@@ -112,7 +112,7 @@ def measure_costs(
     passes = [(target, n) for n in range(1, max_k + 2)]
     if draft is not None:
         passes.append((draft, 1))
-    times = _time_passes(passes, context, repeats)
+    times = time_passes(passes, context, repeats)
     one = times[0]
     c_verify = [1.0] + [t / one for t in times[1 : max_k + 1]]
     # Enforce monotonicity: scoring more positions never costs less (noise aside).
