@@ -264,3 +264,4 @@ def test_verispec_kernels_prints_the_measured_tables(
     assert (49152, 576) in shapes  # SmolLM2's output head
     assert data["draft_precision"] in data["draft_steps"]
     assert all(s > 0 for s in data["draft_steps"].values())
+    assert data["draft_step_seconds"] > 0 and 0.0 <= data["draft_overhead_share"] < 1.0

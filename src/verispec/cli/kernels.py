@@ -110,6 +110,27 @@ def run(args: argparse.Namespace) -> int:
         report["draft_precision"] = best
         del draft
         gc.collect()
+        # The whole step at that precision, as a bench or server loads the draft: what
+        # is not in the linear layers is attention, norms, the cache and Python.
+        draft = load_model(
+            args.draft,
+            precision=best,
+            batch_invariant=False,
+            compile_steps="auto",
+            cache_dir=cache,
+            progress=False,
+        )
+        (step,) = tuning.measure_pass_seconds(draft, rows=(1,))
+        share = max(0.0, 1.0 - steps[best] / step)
+        out += [
+            "",
+            f"Whole draft step at {best} ({draft.kernels}): {step * 1e3:.2f} ms, of which "
+            f"{share:.0%} outside the linear layers (attention, norms, cache, Python).",
+        ]
+        report["draft_step_seconds"] = step
+        report["draft_overhead_share"] = share
+        del draft
+        gc.collect()
 
     if not args.no_passes:
         source = presets.resolve_model_dir(args.target, cache_dir=cache)
