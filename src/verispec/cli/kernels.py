@@ -100,37 +100,57 @@ def run(args: argparse.Namespace) -> int:
         draft = load_model(
             args.draft, precision="fp32", kernels="default", batch_invariant=False, cache_dir=cache
         )
-        best, steps = tuning.fastest_draft_precision(draft.hf, cache_dir=cache)
-        out += ["", f"## Draft {args.draft}: one decoding step's linear layers", ""]
-        out += ["| precision | ms per step | chosen |", "|---|---|---|"]
-        out += [
-            f"| {p} | {_ms(s).strip()} | {'yes' if p == best else ''} |" for p, s in steps.items()
-        ]
-        report["draft_steps"] = steps
-        report["draft_precision"] = best
+        linear = tuning.draft_linear_steps(draft.hf, cache_dir=cache)
         del draft
         gc.collect()
-        # The whole step at that precision, as a bench or server loads the draft: what
-        # is not in the linear layers is attention, norms, the cache and Python.
-        draft = load_model(
+        source = presets.resolve_model_dir(args.draft, cache_dir=cache)
+        config = Path(source) / "config.json"
+        identity = json.dumps(json.loads(config.read_text()), sort_keys=True)
+
+        def load_draft(precision: str) -> Any:
+            return load_model(
+                source,
+                precision=precision,
+                batch_invariant=False,
+                compile_steps="auto",
+                cache_dir=cache,
+                progress=False,
+            )
+
+        runnable_draft = tuning.runnable_precisions("cpu", target=False)
+        steps = tuning.draft_steps(
             args.draft,
-            precision=best,
-            batch_invariant=False,
-            compile_steps="auto",
+            identity,
+            load_draft,
             cache_dir=cache,
-            progress=False,
+            precisions=[p for p in tuning.DRAFT_PRECISIONS if p in runnable_draft],
+            log=lambda line: print(line, file=sys.stderr),
         )
-        (step,) = tuning.measure_pass_seconds(draft, rows=(1,))
-        share = max(0.0, 1.0 - steps[best] / step)
+        best = tuning.pick_draft_precision(steps)
+        out += ["", f"## Draft {args.draft}: one decoding step", ""]
+        out += [
+            "| precision | whole step ms | its linear layers ms | outside them | chosen |",
+            "|---|---|---|---|---|",
+        ]
+        shares = {}
+        for p, step in steps.items():
+            lin = linear.get(p)
+            shares[p] = max(0.0, 1.0 - lin / step) if lin is not None else None
+            share = f"{shares[p]:.0%}" if shares[p] is not None else "-"
+            lin_ms = _ms(lin).strip() if lin is not None else "-"
+            mark = "yes" if p == best else ""
+            out.append(f"| {p} | {_ms(step).strip()} | {lin_ms} | {share} | {mark} |")
         out += [
             "",
-            f"Whole draft step at {best} ({draft.kernels}): {step * 1e3:.2f} ms, of which "
-            f"{share:.0%} outside the linear layers (attention, norms, cache, Python).",
+            "Whole steps as a bench or server loads the draft (int4 compiled where a C++ "
+            "compiler is present); 'outside them': attention, norms, the cache and Python. "
+            f"Chosen: the first of {', '.join(tuning.DRAFT_PRECISIONS)} within "
+            f"{1 / tuning.STEP_TIE - 1:.0%} of the fastest step.",
         ]
-        report["draft_step_seconds"] = step
-        report["draft_overhead_share"] = share
-        del draft
-        gc.collect()
+        report["draft_steps"] = steps
+        report["draft_linear_steps"] = linear
+        report["draft_overhead_share"] = shares
+        report["draft_precision"] = best
 
     if not args.no_passes:
         source = presets.resolve_model_dir(args.target, cache_dir=cache)

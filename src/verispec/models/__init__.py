@@ -259,7 +259,7 @@ def default_device() -> str:
 def default_draft_precision(device: str) -> str | None:
     """A draft model's precision unless the user picks one: on a CPU, ``auto`` (the
     precision whose step is measured cheapest here, :func:`verispec.models.tuning.
-    fastest_draft_precision`), the device's default elsewhere. A draft's precision
+    pick_draft_precision`), the device's default elsewhere. A draft's precision
     never changes the output, only how often its tokens are accepted."""
     if device != "cpu":
         return None
@@ -326,6 +326,10 @@ def load_model(
         precision, chosen = _auto_target_precision(
             spec, source, tuning_dir, device=device, kernels=kernels, runner=runner
         )
+    elif precision == "auto":  # a draft: the cheapest whole step, loaded as it will run
+        precision, chosen = _auto_draft_precision(
+            spec, source, tuning_dir, kernels=kernels, runner=runner, compile_steps=compile_steps
+        )
     if precision != "auto":
         kernels_module.check_choice(kernels, precision)
         runnable = tuning.runnable_precisions(device, target=batch_invariant)
@@ -347,12 +351,6 @@ def load_model(
         raise ModelFormatError(f"cannot load model {spec!r}: {exc}") from exc
     hf = hf.to(device)  # type: ignore[arg-type]
     hf.eval()
-    if precision == "auto":  # a draft on a CPU: the cheapest step measured here
-        precision, steps = tuning.fastest_draft_precision(hf, cache_dir=tuning_dir)
-        listed = ", ".join(f"{p} {s * 1e3:.1f} ms" for p, s in steps.items())
-        chosen = f"; precision chosen by measurement (linear layers per step: {listed})"
-        if precision == "bf16":
-            hf = hf.to(torch.bfloat16)
     applied = kernels_module.optimize(
         hf,
         device=device,
@@ -374,6 +372,49 @@ def load_model(
     model.precision = precision
     model.kernels = applied.description + chosen + _compile_steps(model, compile_steps, device)
     return model
+
+
+def _config_identity(spec: str, source: str) -> str:
+    import json
+
+    config = Path(source) / "config.json"
+    return json.dumps(json.loads(config.read_text()), sort_keys=True) if config.exists() else spec
+
+
+def _auto_draft_precision(
+    spec: str, source: str, cache_dir: Path, *, kernels: str, runner: str, compile_steps: bool | str
+) -> tuple[str, str]:
+    """A CPU draft's precision: its whole one-position step measured at each candidate
+    (:func:`verispec.models.tuning.pick_draft_precision`); returns it and a note."""
+    from verispec.models import tuning
+
+    runnable = tuning.runnable_precisions("cpu", target=False)
+    candidates = [p for p in tuning.DRAFT_PRECISIONS if p in runnable]
+
+    def load(precision: str) -> HFModel:
+        return load_model(
+            source,
+            device="cpu",
+            precision=precision,
+            kernels=kernels,
+            runner=runner,
+            batch_invariant=False,
+            compile_steps=compile_steps,
+            cache_dir=cache_dir,
+            progress=False,
+        )
+
+    steps = tuning.draft_steps(
+        spec,
+        _config_identity(spec, source),
+        load,
+        cache_dir=cache_dir,
+        precisions=candidates,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    best = tuning.pick_draft_precision(steps)
+    listed = ", ".join(f"{p} {s * 1e3:.1f} ms" for p, s in steps.items())
+    return best, f"; precision chosen by measurement (step: {listed})"
 
 
 def _auto_target_precision(

@@ -174,6 +174,24 @@ def resolve_model_dir(spec: str, *, cache_dir: Path | None = None, progress: boo
     )
 
 
+def gguf_path(spec: str, *, cache_dir: Path | None = None, progress: bool = True) -> Path:
+    """The GGUF file behind a preset name or a ``.gguf`` path, for engines that read GGUF.
+
+    A preset's chunks are joined and verified into ``<cache>/gguf/<gguf_name>`` as
+    :func:`resolve_model_dir` does (reused when present), without the float32 conversion; a
+    path must exist and start with the GGUF magic. Anything else raises ModelNotFoundError.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    preset = find_preset(spec)
+    if preset is not None:
+        return _assemble(preset, cache / "gguf", progress=progress)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        _check_magic(path)
+        return path
+    raise ModelNotFoundError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor a GGUF file")
+
+
 # --- presets -------------------------------------------------------------------------------
 
 

@@ -14,9 +14,11 @@ verispec measures, once per machine and model, and keeps the result:
 * :func:`choose_kernels`: per shape, the fastest kernel (a target's only among the
   row-exact ones, so that verifying k drafts scores each position as decoding it
   alone would) and the padding that makes it exact and fast.
-* :func:`fastest_draft_precision`: the draft precision whose decoding step, summed
-  over the model's linear layers, is cheapest (a draft's precision never changes
-  the output, only how often its tokens are accepted).
+* :func:`draft_steps` / :func:`pick_draft_precision`: the draft's whole decoding step
+  at each precision, loaded as it runs (compiled where it would be), and the one to
+  use (a draft's precision never changes the output, only how often its tokens are
+  accepted).
+* :func:`cached_trials` / :func:`pick_precision`: ``--precision auto`` for a target.
 
 Measurements are cached in ``<cache>/kernels/`` under a key that covers the
 machine's fingerprint (:func:`fingerprint`: processor model and flags, torch's
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-TUNING_VERSION = "1"
+TUNING_VERSION = "2"
 ROWS = (1, 2, 4, 8, 16, 32)
 # Row counts whose results are compared with the same rows scored in one call of 32.
 EXACT_PROBES = (1, 2, 3, 4, 5, 6, 8, 9, 16, 17, 31)
@@ -230,36 +232,24 @@ def linear_table(
     """:func:`measure_linears`, measured once per machine, model and precisions and
     kept in ``cache_dir`` (None: not kept). A cached file is used only when the
     fingerprint stored in it is this machine's (:func:`fingerprint`)."""
-    machine = fingerprint()
-    model = model_identity(hf)
-    what = [model, ",".join(precisions), "target" if target else "draft"]
-    path = (
-        _cache_path(cache_dir, [json.dumps(machine, sort_keys=True), *what]) if cache_dir else None
-    )
-    if path is not None and path.exists():
-        try:
-            data = json.loads(path.read_text())
-            if data["fingerprint"] == machine and data["what"] == what:
-                return [
-                    LinearTiming(
-                        shape=(int(t["shape"][0]), int(t["shape"][1])),
-                        layers=int(t["layers"]),
-                        kernel=str(t["kernel"]),
-                        seconds=tuple(float(s) for s in t["seconds"]),
-                        exact_from=None if t["exact_from"] is None else int(t["exact_from"]),
-                    )
-                    for t in data["timings"]
-                ]
-        except (ValueError, KeyError, TypeError, IndexError):
-            pass  # a damaged file is measured again
-    table = measure_linears(hf, precisions, target=target, measure=measure)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"fingerprint": machine, "what": what, "timings": [asdict(t) for t in table]}
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
-    return table
+    what = [model_identity(hf), ",".join(precisions), "target" if target else "draft"]
+
+    def decode(result: Any) -> list[LinearTiming]:
+        return [
+            LinearTiming(
+                shape=(int(t["shape"][0]), int(t["shape"][1])),
+                layers=int(t["layers"]),
+                kernel=str(t["kernel"]),
+                seconds=tuple(float(s) for s in t["seconds"]),
+                exact_from=None if t["exact_from"] is None else int(t["exact_from"]),
+            )
+            for t in result
+        ]
+
+    def compute() -> list[dict[str, Any]]:
+        return [asdict(t) for t in measure_linears(hf, precisions, target=target, measure=measure)]
+
+    return decode(_cached(cache_dir, what, compute, lambda r: r))
 
 
 def padded_seconds(timing: LinearTiming, rows: int, min_rows: int) -> float:
@@ -344,22 +334,93 @@ def step_seconds(table: Sequence[LinearTiming], precision: str, rows: int = 1) -
     return total
 
 
+# A draft's candidates, in the order preferred among steps within STEP_TIE of the fastest:
+# int4 first, whose 4-bit grids hold the bundled Q4_K weights nearly unchanged (so it
+# agrees with the target more often than int8, docs/tuning.md), then the finer ones.
 DRAFT_PRECISIONS = ("int4", "int8", "bf16", "fp32")
+STEP_TIE = 0.9
 
 
-def fastest_draft_precision(
+def draft_linear_steps(
     hf: nn.Module, *, cache_dir: Path | None, measure: Measure | None = None
-) -> tuple[str, dict[str, float]]:
-    """The draft precision with the cheapest one-row step over all linear layers, and
-    each candidate's step seconds. Ties go to the finer precision (later in
-    :data:`DRAFT_PRECISIONS`), since a finer draft is accepted at least as often."""
+) -> dict[str, float]:
+    """Seconds of a one-row step over all the draft's linear layers, per precision
+    (each shape on its fastest kernel): what the whole step spends outside them is
+    attention, norms, the cache and Python."""
     from verispec.models import kernels
 
     candidates = [p for p in DRAFT_PRECISIONS if p != "int4" or kernels.int4_available()]
     table = linear_table(hf, candidates, target=False, cache_dir=cache_dir, measure=measure)
-    steps = {p: s for p in candidates if (s := step_seconds(table, p)) is not None}
-    best = min(steps, key=lambda p: (round(steps[p], 5), -DRAFT_PRECISIONS.index(p)))
-    return best, steps
+    return {p: s for p in candidates if (s := step_seconds(table, p)) is not None}
+
+
+def pick_draft_precision(steps: dict[str, float]) -> str:
+    """The draft precision to use: among the whole steps within :data:`STEP_TIE` of the
+    fastest, the first in :data:`DRAFT_PRECISIONS`."""
+    fastest = min(steps.values())
+    close = [p for p in DRAFT_PRECISIONS if p in steps and steps[p] * STEP_TIE <= fastest]
+    return close[0] if close else min(steps, key=lambda p: steps[p])
+
+
+def _cached(
+    cache_dir: Path | None,
+    what: list[str],
+    compute: Callable[[], Any],
+    decode: Callable[[Any], Any],
+) -> Any:
+    """``compute()``'s JSON-able result, kept in ``cache_dir`` under this machine's
+    fingerprint and ``what``; a file from another machine or torch is not used."""
+    machine = fingerprint()
+    path = (
+        _cache_path(cache_dir, [json.dumps(machine, sort_keys=True), *what]) if cache_dir else None
+    )
+    if path is not None and path.exists():
+        try:
+            data = json.loads(path.read_text())
+            if data["fingerprint"] == machine and data["what"] == what:
+                return decode(data["result"])
+        except (ValueError, KeyError, TypeError, IndexError):
+            pass  # a damaged file is measured again
+    result = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        record = {"fingerprint": machine, "what": what, "result": result}
+        tmp.write_text(json.dumps(record, indent=1, default=_plain))
+        tmp.replace(path)
+    return result
+
+
+def _plain(value: Any) -> Any:
+    return asdict(value) if hasattr(value, "__dataclass_fields__") else str(value)
+
+
+def draft_steps(
+    spec: str,
+    identity: str,
+    load: Callable[[str], Any],
+    *,
+    cache_dir: Path | None,
+    precisions: Sequence[str],
+    log: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Seconds of the draft's whole one-position step at each precision, loaded as a
+    bench or server loads it (``load``), once per machine and model."""
+    import gc
+
+    def compute() -> dict[str, float]:
+        steps = {}
+        for precision in precisions:
+            if log:
+                log(f"measuring the draft at {precision} ...")
+            model = load(precision)
+            (steps[precision],) = measure_pass_seconds(model, rows=(1,))
+            del model
+            gc.collect()
+        return steps
+
+    what = ["draft-steps", spec, identity, ",".join(precisions)]
+    return _cached(cache_dir, what, compute, lambda r: {str(k): float(v) for k, v in r.items()})  # type: ignore[no-any-return]
 
 
 # --precision auto, for a target: the candidates, the calibration prompts and the rule.
@@ -467,34 +528,23 @@ def cached_trials(
     log: Callable[[str], None] | None = None,
 ) -> list[PrecisionTrial]:
     """:func:`precision_trials`, once per machine and model (kept in ``cache_dir``)."""
-    machine = fingerprint()
     what = ["precision-trials", spec, hf_identity, ",".join(precisions), str(AGREEMENT)]
-    path = (
-        _cache_path(cache_dir, [json.dumps(machine, sort_keys=True), *what]) if cache_dir else None
-    )
-    if path is not None and path.exists():
-        try:
-            data = json.loads(path.read_text())
-            if data["fingerprint"] == machine and data["what"] == what:
-                return [
-                    PrecisionTrial(
-                        precision=str(t["precision"]),
-                        pass_seconds=tuple(float(s) for s in t["pass_seconds"]),
-                        agreement=float(t["agreement"]),
-                        kernels=str(t["kernels"]),
-                    )
-                    for t in data["trials"]
-                ]
-        except (ValueError, KeyError, TypeError):
-            pass
-    trials = precision_trials(load, precisions, log=log)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"fingerprint": machine, "what": what, "trials": [asdict(t) for t in trials]}
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
-    return trials
+
+    def decode(result: Any) -> list[PrecisionTrial]:
+        return [
+            PrecisionTrial(
+                precision=str(t["precision"]),
+                pass_seconds=tuple(float(s) for s in t["pass_seconds"]),
+                agreement=float(t["agreement"]),
+                kernels=str(t["kernels"]),
+            )
+            for t in result
+        ]
+
+    def compute() -> list[dict[str, Any]]:
+        return [asdict(t) for t in precision_trials(load, precisions, log=log)]
+
+    return decode(_cached(cache_dir, what, compute, lambda r: r))
 
 
 def runnable_precisions(device: str, *, target: bool) -> list[str]:
