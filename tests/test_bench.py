@@ -5,16 +5,22 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import sys
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import byte_tokenizer, tiny_llama
 
 from verispec.bench import runner as runner_module
 from verispec.bench.datasets import BenchPrompt, load_prompts, parse_sets, subset
+from verispec.bench.peers import ExternalPeer, PeerRun, PeerUnavailableError
 from verispec.bench.report import (
+    bytes_per_pass,
     markdown,
     predict_speedup,
+    read_bandwidth,
     solve_alpha,
     solve_alpha_mixed,
     summarize,
@@ -23,6 +29,7 @@ from verispec.bench.report import (
 from verispec.bench.runner import BenchRun, RunRecord, parse_configs, run_bench
 from verispec.cli.main import main
 from verispec.errors import InvalidArgumentError
+from verispec.generate import encode_prompt
 from verispec.policy.costs import expected_tokens
 from verispec.sampling import SamplingParams
 
@@ -92,7 +99,13 @@ def test_parse_configs() -> None:
     assert names == [
         "plain", "draft-k4", "draft-k8", "draft-auto", "hybrid-auto", "lookup",
         "hf-plain", "hf-assisted", "hf-lookup", "hf-default",
+        "llamacpp-plain", "llamacpp-spec", "ov-plain", "ov-spec",
     ]  # fmt: skip
+    peers = parse_configs("llamacpp-spec,ov-plain", ks=[4], lookup_k=8)[1:]
+    assert [(c.engine, c.speculative, c.external, c.own_plain) for c in peers] == [
+        ("llama.cpp", True, True, "llamacpp-plain"),
+        ("openvino", False, True, None),
+    ]
     configs = parse_configs("lookup,draft-k6", ks=[4], lookup_k=5)
     assert [(c.name, c.k) for c in configs] == [("plain", 0), ("lookup", 5), ("draft-k6", 6)]
     with pytest.raises(InvalidArgumentError, match="unknown configuration"):
@@ -337,10 +350,12 @@ def test_quick_bench_end_to_end(tmp_path: Path, capsys) -> None:
     data = json.loads((out / "results.json").read_text())
     assert data["setup"]["quick"] and data["setup"]["max_new_tokens"] == 24
     assert {"cpu", "cores", "torch", "date", "command"} <= set(data["setup"]["machine"])
-    assert [c["name"] for c in data["configs"]] == ["plain", "draft-k4", "lookup", "hf-plain"]
-    assert len(data["records"]) == (2 * 2 + 2 + 2) * 4  # MT-bench has two turns
-    assert data["summary"]["mismatches"] == []
-    assert all(r["matches_plain"] for r in data["records"])
+    names = [c["name"] for c in data["configs"]]
+    assert names[:4] == ["plain", "draft-k4", "lookup", "hf-plain"]  # then the peers, if built
+    assert len(data["records"]) == (2 * 2 + 2 + 2) * len(names)  # MT-bench has two turns
+    assert data["limit"]["read_bandwidth_gbps"] > 0 and data["limit"]["bytes_per_pass"] > 0
+    assert [m for m in data["summary"]["mismatches"] if m["engine"] == "verispec"] == []
+    assert all(r["matches_plain"] for r in data["records"] if r["config"] in names[:3])
     assert all(1 <= r["new_tokens"] <= 24 for r in data["records"])
     overall = data["summary"]["configs"]["draft-k4"]["all"]
     assert overall["acceptance_rate"] > 0 and overall["predicted_speedup"] > 0
@@ -396,3 +411,282 @@ def test_results_report_how_many_drafted_tokens_came_off_hints() -> None:
     assert line is not None and "hybrid-auto 30 of its 40 model-drafted tokens" in line
     assert "draft-auto " not in line
     assert _hints_line(BenchRun([record("draft-auto", 40, 0, 0)], configs, [])) is None
+
+
+# --- external peers (llama.cpp, OpenVINO GenAI): a stand-in engine ---------------------------
+
+
+class FakePeer:
+    """An ExternalPeer that decodes greedily with a tiny model (verispec plain), and in
+    its speculative mode changes its last token when ``perturb``; records its calls."""
+
+    def __init__(self, model, *, engine: str, perturb: bool = False, fail_on: int = 0) -> None:
+        self.model = model
+        self.engine = engine
+        self.precision = f"{engine} fp32"
+        self.draft_precision = f"{engine} int8"
+        self.build = f"{engine} test build, draft 3 tokens"
+        self.perturb = perturb
+        self.fail_on = fail_on  # raise on a run of this many new tokens (0: never)
+        self.calls: list[tuple[list[int], int, bool, frozenset[int]]] = []
+        self.closed = 0
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        speculative: bool,
+        eos_token_ids: Collection[int],
+    ) -> PeerRun:
+        from verispec.generate import stream
+
+        self.calls.append((list(prompt_ids), max_new_tokens, speculative, frozenset(eos_token_ids)))
+        if max_new_tokens == self.fail_on:
+            raise RuntimeError("the engine crashed")
+        generation = stream(self.model, None, list(prompt_ids), max_new_tokens=max_new_tokens)
+        ids = [t for event in generation for t in event.tokens]
+        assert ids
+        if speculative and self.perturb and ids:
+            ids[-1] = (ids[-1] + 1) % self.model.vocab_size
+        n = len(ids)
+        return PeerRun(
+            token_ids=ids,
+            time_total=0.01 * max(n, 1),
+            pass_ends=[0.01 * (i + 1) for i in range(n)],
+            pass_tokens=[1] * n,
+            drafted=2 * n if speculative else None,
+            accepted=n if speculative else None,
+        )
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+SETUP = {
+    "target": "tiny", "draft": "tiny", "sets": ["mtbench", "humaneval"], "max_new_tokens": 9,
+    "num_units": 3, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "target_kernels": "fp32 test",
+    "draft_kernels": "int8 test",
+    "machine": {"cpu": "x", "torch_threads": 1, "torch": "t", "date": "2026-01-01"},
+}  # fmt: skip
+
+
+def _openers(peers: dict[str, FakePeer], opened: list[tuple]) -> dict:
+    def opener(engine: str):
+        def open_peer(target, draft, *, threads, cache_dir=None):
+            opened.append((engine, target, draft, threads))
+            return peers[engine]
+
+        return open_peer
+
+    return {engine: opener(engine) for engine in peers}
+
+
+def test_external_peers_run_compare_with_their_own_plain_and_report(tiny, tmp_path: Path) -> None:
+    peers = {
+        "llama.cpp": FakePeer(tiny, engine="llama.cpp"),
+        "openvino": FakePeer(tiny, engine="OpenVINO GenAI", perturb=True),
+    }
+    assert all(isinstance(p, ExternalPeer) for p in peers.values())
+    opened: list[tuple] = []
+    configs = parse_configs(
+        "draft-k3,hybrid-auto,hf-plain,llamacpp-plain,llamacpp-spec,ov-plain,ov-spec",
+        ks=[3],
+        lookup_k=4,
+    )
+    bench = run_bench(
+        tiny, tiny, PROMPTS, configs, max_new_tokens=9, params=SamplingParams(), progress=False,
+        target_spec="the-target", draft_spec="the-draft", peer_openers=_openers(peers, opened),
+    )  # fmt: skip
+    assert not bench.notes and len(bench.records) == 3 * len(configs)
+    # One open per engine, with the bench's specs and torch's threads; closed at the end.
+    threads = torch.get_num_threads()
+    assert sorted(opened) == [
+        ("llama.cpp", "the-target", "the-draft", threads),
+        ("openvino", "the-target", "the-draft", threads),
+    ]
+    assert [p.closed for p in peers.values()] == [1, 1]
+    calls = peers["llama.cpp"].calls  # the warm-up, then each turn's plain and spec runs
+    assert {(c[1], c[2]) for c in calls} == {(8, False), (8, True), (9, False), (9, True)}
+    assert all(c[3] == tiny.eos_token_ids for c in calls)
+    humaneval = encode_prompt(tiny.tokenizer, [{"role": "user", "content": "def add(a, b):"}])
+    assert calls[-1][0] == calls[-2][0] == humaneval  # the unit's chat-templated ids
+    spec = [r for r in bench.records if r.config == "llamacpp-spec"]
+    assert all(r.drafted == 2 * r.new_tokens and r.accepted == r.new_tokens for r in spec)
+    # Own-plain identity: each speculative configuration against its own engine's plain one.
+    by_config: dict[str, list[RunRecord]] = {}
+    for r in bench.records:
+        by_config.setdefault(r.config, []).append(r)
+    assert all(r.matches_own_plain is True for r in by_config["llamacpp-spec"])
+    assert all(r.matches_own_plain is False for r in by_config["ov-spec"])
+    assert all(r.matches_own_plain is True for r in by_config["draft-k3"])
+    for name in ("plain", "hf-plain", "llamacpp-plain", "ov-plain"):
+        assert all(r.matches_own_plain is None for r in by_config[name])
+    assert all(r.matches_plain for r in by_config["llamacpp-spec"])  # the same tiny model
+
+    summary = summarize(bench, COSTS)
+    engines = summary["engines"]
+    assert engines["groups"] == ["all", "mtbench", "humaneval"]
+    rows = engines["configs"]
+    assert rows["llamacpp-spec"]["own_plain_identical"] == dict.fromkeys(engines["groups"], 1.0)
+    assert rows["ov-spec"]["own_plain_identical"]["all"] == 0.0
+    assert rows["ov-plain"]["own_plain_identical"]["all"] is None
+    assert rows["draft-k3"]["own_plain_identical"]["all"] == 1.0
+    assert rows["ov-spec"]["engine"] == "OpenVINO GenAI"
+    assert rows["llamacpp-spec"]["acceptance_rate"] == 0.5
+    assert rows["draft-k3"]["speedup_of_best"] is None  # verispec's own rows: no speedup
+    best = engines["best_speculative"]["all"]
+    assert best in ("draft-k3", "hybrid-auto")
+    for g in engines["groups"]:
+        theirs = summary["configs"]["llamacpp-plain"][g]["tokens_per_second"]
+        mine = summary["configs"]["hybrid-auto"][g]["tokens_per_second"]
+        assert rows["llamacpp-plain"]["speedup_of_hybrid_auto"][g] == pytest.approx(mine / theirs)
+        assert rows["llamacpp-plain"]["speedup_of_best"][g] >= mine / theirs - 1e-12
+    # A peer differing from verispec plain is reported, never a verispec bug.
+    assert {m["engine"] for m in summary["mismatches"]} == {"openvino"}
+
+    paths = write_results(tmp_path, bench, summary, SETUP, COSTS)
+    text = paths["md"].read_text()
+    assert "MISMATCH" not in text
+    assert "| llama.cpp | llamacpp-spec | llama.cpp fp32 + draft llama.cpp int8 |" in text
+    assert "| OpenVINO GenAI | ov-plain | OpenVINO GenAI fp32 |" in text
+    assert "| verispec | draft-k3 | T + D |" in text and "(target, fp32 test)" in text
+    assert "llama.cpp: llama.cpp test build, draft 3 tokens" in text
+    assert "| *(best verispec)* |" in text and "| ov-spec | " in text
+    ov_spec_row = next(
+        ln for ln in text.splitlines() if ln.startswith("| OpenVINO GenAI | ov-spec")
+    )
+    assert ov_spec_row.endswith("| 0% | 0% | 0% |")
+    data = json.loads(paths["json"].read_text())
+    assert data["peers"]["llama.cpp"]["precision"] == "llama.cpp fp32"
+    assert data["summary"]["engines"]["configs"]["ov-spec"]["own_plain_identical"]["all"] == 0.0
+    assert "matches_own_plain" in data["records"][0]
+    if HAVE_MATPLOTLIB:
+        from verispec.bench.plots import write_plots
+
+        assert write_plots(tmp_path, bench.configs, summary)
+
+
+@pytest.mark.parametrize("failure", ["unavailable", "crash"])
+def test_peers_that_cannot_open_or_import_are_skipped_with_a_note(
+    tiny, monkeypatch, failure: str
+) -> None:
+    def open_llamacpp(target, draft, *, threads, cache_dir=None):
+        if failure == "crash":
+            raise RuntimeError("boom\nmore lines")
+        raise PeerUnavailableError(
+            "llama.cpp is not built; run: python -m verispec.bench.llamacpp build"
+        )
+
+    monkeypatch.setitem(sys.modules, "verispec.bench.openvino", None)  # ImportError
+    configs = parse_configs("draft-k2,llamacpp-plain,llamacpp-spec,ov-plain,ov-spec", ks=[2],
+                            lookup_k=4)  # fmt: skip
+    log: list[str] = []
+    bench = run_bench(
+        tiny, tiny, PROMPTS[1:], configs, max_new_tokens=5, params=SamplingParams(),
+        progress=False, log=log.append, peer_openers={"llama.cpp": open_llamacpp},
+    )  # fmt: skip
+    assert [c.name for c in bench.configs] == ["plain", "draft-k2"]
+    assert len(bench.records) == 2 and all(r.matches_plain for r in bench.records)
+    assert len(bench.notes) == 2 and all("\n" not in n for n in bench.notes)
+    llama, ov = bench.notes
+    assert llama.startswith("llamacpp-plain, llamacpp-spec skipped: ")
+    assert "python -m verispec.bench.llamacpp build" in llama
+    if failure == "crash":
+        assert "RuntimeError: boom" in llama and "more lines" not in llama
+    assert ov.startswith("ov-plain, ov-spec skipped: verispec.bench.openvino cannot be imported")
+    assert "pip install -e '.[openvino]' && python -m verispec.bench.openvino export" in ov
+    assert log == [f"note: {n}" for n in bench.notes]
+
+
+def test_peers_are_skipped_when_sampling(tiny) -> None:
+    def never(*args, **kwargs):
+        raise AssertionError("a peer was opened for a sampled run")
+
+    configs = parse_configs("llamacpp-plain,llamacpp-spec,ov-spec", ks=[2], lookup_k=4)
+    bench = run_bench(
+        tiny, tiny, PROMPTS[1:], configs, max_new_tokens=4,
+        params=SamplingParams(temperature=0.8, seed=1), progress=False, log=lambda _: None,
+        peer_openers={"llama.cpp": never, "openvino": never},
+    )  # fmt: skip
+    assert [c.name for c in bench.configs] == ["plain"]
+    assert bench.notes == [
+        "llamacpp-plain, llamacpp-spec skipped: llama.cpp peers decode greedily only "
+        "(this run samples)",
+        "ov-spec skipped: openvino peers decode greedily only (this run samples)",
+    ]
+
+
+def test_peers_are_closed_even_when_a_run_raises(tiny) -> None:
+    configs = parse_configs("llamacpp-plain", ks=[2], lookup_k=4)
+
+    def bench(peer: FakePeer) -> BenchRun:
+        return run_bench(
+            tiny, tiny, PROMPTS[1:], configs, max_new_tokens=10, params=SamplingParams(),
+            progress=False, log=lambda _: None, peer_openers=_openers({"llama.cpp": peer}, []),
+        )  # fmt: skip
+
+    peer = FakePeer(tiny, engine="llama.cpp", fail_on=10)  # the warm-up passes, the run fails
+    with pytest.raises(RuntimeError, match="the engine crashed"):
+        bench(peer)
+    assert peer.closed == 1
+    # Failing in its warm-up, a peer is skipped with a note instead (and closed too).
+    peer = FakePeer(tiny, engine="llama.cpp", fail_on=runner_module.WARMUP_TOKENS)
+    run = bench(peer)
+    assert [c.name for c in run.configs] == ["plain"] and peer.closed == 1
+    assert run.notes == [
+        "llamacpp-plain skipped: llama.cpp failed (RuntimeError: the engine crashed)"
+    ]
+
+
+# --- the limit: read bandwidth and bytes per target pass ---------------------------------
+
+
+def test_read_bandwidth_is_positive() -> None:
+    assert read_bandwidth(megabytes=8, repeats=2) > 0
+
+
+def test_bytes_per_pass_counts_what_a_pass_reads(tiny) -> None:
+    hf = tiny.hf
+    tensors = [*hf.parameters(), *hf.buffers()]
+    embedding = hf.get_input_embeddings().weight  # a pass reads only its tokens' rows
+    whole = sum(t.numel() * t.element_size() for t in tensors)
+    assert hf.get_output_embeddings().weight is not embedding  # untied in this tiny model
+    assert bytes_per_pass(tiny) == whole - embedding.numel() * embedding.element_size()
+    # Tied weights count once.
+    tied = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8))
+    tied[1].weight = tied[0].weight
+    assert bytes_per_pass(tied) == 8 * 8 * 4 + 8 * 4
+    # fbgemm dynamic int8: the packed int8 weight and the fp32 bias.
+    from verispec.models.kernels import OneDNNLinear, int8_draft_linear, onednn_available
+
+    quantized = torch.nn.Sequential(int8_draft_linear(torch.nn.Linear(64, 32)))
+    assert bytes_per_pass(quantized) == 64 * 32 + 32 * 4
+    # oneDNN prepacked layers keep their weight as a plain tensor attribute.
+
+    if onednn_available():
+        packed = OneDNNLinear(torch.nn.Linear(64, 32))
+        assert bytes_per_pass(torch.nn.Sequential(packed)) >= 64 * 32 * 4 + 32 * 4
+
+
+def test_the_limit_section(tiny) -> None:
+    configs = parse_configs("draft-k2,hf-plain", ks=[2], lookup_k=4)
+    bench = run_bench(
+        tiny, tiny, PROMPTS[1:], configs, max_new_tokens=6, params=SamplingParams(), progress=False
+    )
+    summary = summarize(bench, COSTS)
+    limit = {"read_bandwidth_gbps": 10.0, "threads": 2, "bytes_per_pass": 10**8,
+             "passes_per_second": 100.0}  # fmt: skip
+    text = markdown(bench, summary, {**SETUP, "limit": limit}, COSTS)
+    assert "reads 10.0 GB/s" in text and "100 MB" in text and "100.0 target passes/s" in text
+    from verispec.bench.report import limit_rows
+
+    rows = {r["config"]: r for r in limit_rows(bench, summary, limit)}
+    assert set(rows) == {"plain", "draft-k2"}  # verispec configurations only
+    k2 = summary["configs"]["draft-k2"]["all"]
+    assert rows["draft-k2"]["bound_tokens_per_second"] == pytest.approx(100 * k2["tokens_per_pass"])
+    assert rows["plain"]["tokens_per_pass"] == 1.0
+    share = rows["draft-k2"]["share_of_bound"]
+    assert share == pytest.approx(k2["tokens_per_second_aggregate"] / (100 * k2["tokens_per_pass"]))
+    assert f"| draft-k2 | {k2['tokens_per_pass']:.2f} |" in text
+    assert "The limit" not in markdown(bench, summary, SETUP, COSTS)

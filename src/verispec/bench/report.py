@@ -32,6 +32,19 @@ MT-bench category):
   For a fixed k this is the formula above. "measured / predicted" divides the
   aggregate decode speedup (decode tokens / decode time, over the group, against
   plain's on the same turns) by it.
+
+Engines (verispec, transformers, llama.cpp, OpenVINO GenAI), per set:
+
+- tokens/s (median), the precision each ran at, acceptance where the engine reports it;
+- "= own plain": the share of prompts whose speculative output is token-identical
+  to the same engine's plain output (only verispec's is a guarantee);
+- speedup of verispec's best speculative configuration, and of hybrid-auto (the
+  default), over each peer configuration: ratio of median tokens/s, same run.
+
+The limit: a decode pass reads the target's weights once, so the machine's read
+bandwidth (:func:`read_bandwidth`) over the bytes a pass reads
+(:func:`bytes_per_pass`) bounds the target passes per second; times a
+configuration's tokens per pass, it bounds its tokens/s.
 """
 
 from __future__ import annotations
@@ -42,6 +55,8 @@ import os
 import platform
 import statistics
 import sys
+import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +94,77 @@ def machine_info() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv,
     }
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
+    """The machine's read bandwidth in GB/s: a sum over a ``megabytes`` fp32 tensor with
+    the current torch threads, best of ``repeats``."""
+    import torch
+
+    data = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    data.sum()  # pages touched, threads started
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * data.element_size() / max(best, 1e-9) / 1e9
+
+
+def _tensor_key(tensor: Any) -> tuple[Any, ...]:
+    try:  # tied weights share their storage
+        return ("ptr", tensor.data_ptr(), tensor.numel(), tensor.dtype)
+    except RuntimeError:  # opaque tensors (oneDNN prepacked weights) have no storage
+        return ("id", id(tensor))
+
+
+def bytes_per_pass(model: Any) -> int:
+    """Bytes of the target as loaded, which one pass reads: ``model.hf``'s parameters and
+    buffers, tensors kept as plain attributes (oneDNN's prepacked ``packed`` weights and
+    biases), and fbgemm dynamic int8 linears' packed weights; tied weights once. An int4
+    linear's int8 copy for long prompt passes is left out (decode passes do not read it),
+    and so is the input embedding table, of which a pass reads only its tokens' rows
+    (unless the output head shares its weight: then the head reads it whole, counted once).
+    """
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao is deprecated, and what fbgemm layers are
+        from torch.ao.nn.quantized import dynamic as quantized_dynamic
+
+    root = getattr(model, "hf", model)
+    seen: set[tuple[Any, ...]] = set()
+    total = 0
+
+    def count(tensor: Any) -> None:
+        nonlocal total
+        if isinstance(tensor, torch.Tensor):
+            key = _tensor_key(tensor)
+            if key not in seen:
+                seen.add(key)
+                total += tensor.numel() * tensor.element_size()
+
+    skip: set[int] = set()
+    embed = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
+    head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
+    head_weight = getattr(head, "weight", None)
+    if isinstance(embed, torch.nn.Embedding) and embed.weight is not head_weight:
+        skip.add(id(embed))
+    for module in root.modules():
+        if id(module) in skip:
+            continue
+        if type(module).__name__ == "Int4Linear" and isinstance(
+            getattr(module, "wide", None), torch.nn.Module
+        ):
+            skip.update(id(m) for m in module.wide.modules())
+        for tensor in [*module._parameters.values(), *module._buffers.values()]:
+            count(tensor)
+        for value in vars(module).values():  # tensors that are neither (packed weights)
+            count(value)
+        if isinstance(module, quantized_dynamic.Linear):
+            for tensor in module._packed_params._weight_bias():
+                count(tensor)
+    return total
 
 
 def solve_alpha(accepted_per_pass: float, k: int) -> float:
@@ -207,6 +293,7 @@ def _group_stats(
         "latency_p95_ms": float(np.percentile(latencies, 95)) * 1e3 if latencies else None,
         "time_split": split if split["verify"] is not None else None,
         "mismatches": sum(1 for r in runs if r.matches_plain is False),
+        "own_plain_identical": _own_plain_share(runs),
         "alpha": None,
         "predicted_speedup": None,
     }
@@ -221,6 +308,15 @@ def _group_stats(
     else:
         stats["measured_over_predicted"] = None
     return stats
+
+
+def _own_plain_share(runs: Sequence[RunRecord]) -> float | None:
+    """Share of prompts (all their turns) token-identical to the engine's own plain output."""
+    prompts: dict[str, bool] = {}
+    for r in runs:
+        if r.matches_own_plain is not None:
+            prompts[r.prompt_id] = prompts.get(r.prompt_id, True) and r.matches_own_plain
+    return sum(prompts.values()) / len(prompts) if prompts else None
 
 
 def _decode_rate(runs: Sequence[RunRecord]) -> float | None:
@@ -270,7 +366,85 @@ def summarize(run: BenchRun, costs: dict[str, Any] | None) -> dict[str, Any]:
         for r in run.records
         if r.matches_plain is False
     ]
-    return {"groups": groups, "configs": by_config, "mismatches": mismatches}
+    return {
+        "groups": groups,
+        "configs": by_config,
+        "mismatches": mismatches,
+        "engines": engines_summary(run, by_config),
+    }
+
+
+def set_groups(run: BenchRun) -> list[str]:
+    """ "all", then each prompt set (the categories of the engines table)."""
+    return ["all", *dict.fromkeys(r.set_name for r in run.records)]
+
+
+def engines_summary(run: BenchRun, by_config: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per set: verispec's best speculative configuration, and per configuration its
+    engine, median tokens/s, acceptance, identity with its own plain output and
+    verispec's speedup over it (best speculative, hybrid-auto)."""
+    groups = set_groups(run)
+    ours = [c.name for c in run.configs if c.engine == "verispec" and c.speculative]
+
+    def tps(name: str, group: str) -> float | None:
+        stats = by_config[name].get(group)
+        return stats["tokens_per_second"] if stats and stats["runs"] else None
+
+    best: dict[str, str | None] = {}
+    for g in groups:
+        rates = [(tps(c, g) or 0.0, c) for c in ours]
+        best[g] = max(rates)[1] if rates and max(rates)[0] > 0 else None
+    hybrid = "hybrid-auto" if "hybrid-auto" in ours else None
+
+    def ratio(mine: str | None, theirs: str, group: str) -> float | None:
+        a, b = (tps(mine, group) if mine else None), tps(theirs, group)
+        return a / b if a and b else None
+
+    rows: dict[str, Any] = {}
+    for config in run.configs:
+        info = run.peers.get(config.engine, {})
+        peer = config.engine != "verispec"
+        rows[config.name] = {
+            "engine": info.get("engine") or config.engine,
+            "own_plain": config.own_plain,
+            "tokens_per_second": {g: tps(config.name, g) for g in groups},
+            "acceptance_rate": by_config[config.name]["all"]["acceptance_rate"],
+            "own_plain_identical": {
+                g: by_config[config.name][g]["own_plain_identical"] for g in groups
+            },
+            "speedup_of_best": (
+                {g: ratio(best[g], config.name, g) for g in groups} if peer else None
+            ),
+            "speedup_of_hybrid_auto": (
+                {g: ratio(hybrid, config.name, g) for g in groups} if peer else None
+            ),
+        }
+    return {"groups": groups, "best_speculative": best, "configs": rows}
+
+
+def limit_rows(
+    run: BenchRun, summary: dict[str, Any], limit: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Per verispec configuration: the tokens/s bound (passes/s the bandwidth allows x
+    its tokens per pass) and the measured tokens/s (all tokens / all time) against it."""
+    rows = []
+    for config in run.configs:
+        if config.engine != "verispec":
+            continue
+        stats = summary["configs"][config.name]["all"]
+        per_pass = stats["tokens_per_pass"]
+        bound = limit["passes_per_second"] * per_pass if per_pass else None
+        measured = stats["tokens_per_second_aggregate"]
+        rows.append(
+            {
+                "config": config.name,
+                "tokens_per_pass": per_pass,
+                "bound_tokens_per_second": bound,
+                "tokens_per_second": measured,
+                "share_of_bound": measured / bound if bound else None,
+            }
+        )
+    return rows
 
 
 def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
@@ -291,7 +465,7 @@ def _prefix_cache_line(run: BenchRun) -> str:
         "Prefix caching on: every verispec configuration (plain included) reuses its own "
         f"earlier turn's caches; it skipped {shares[1]} of the prompt tokens of later turns "
         f"and {shares[0]} of first turns (a shared chat-template opening). "
-        "The transformers peers score every prompt in full."
+        "The peers score every prompt in full."
     )
 
 
@@ -341,6 +515,107 @@ def _hints_line(run: BenchRun) -> str | None:
         + "; ".join(parts)
         + ". The predicted speedups charge these tokens c_draft each, like drafted ones."
     )
+
+
+def _precision(config: BenchConfig, setup: dict[str, Any], peers: dict[str, Any]) -> str:
+    """The precision column: T (target) / T + D (with the draft model) for verispec and
+    transformers, which run verispec's modules; the engine's own words for the others."""
+    if config.external:
+        info = peers.get(config.engine, {})
+        text = info.get("precision") or "–"
+        if config.speculative and info.get("draft_precision"):
+            text += f" + draft {info['draft_precision']}"
+        return str(text)
+    if config.name == "hf-default":
+        return str(setup.get("default_target_kernels") or "default kernels")
+    return "T + D" if config.drafter in ("model", "hybrid") else "T"
+
+
+def _engines_lines(run: BenchRun, summary: dict[str, Any], setup: dict[str, Any]) -> list[str]:
+    """The engines table (tokens/s per set, precision, acceptance, = own plain) and the
+    table of verispec's speedups over the peers."""
+    engines = summary.get("engines")
+    if not engines or not run.configs:
+        return []
+    groups, rows = engines["groups"], engines["configs"]
+    lines = [
+        "",
+        'Engines, per set: median tokens/s; "= own plain": share of prompts whose output is '
+        "token-identical to the same engine's plain output (guaranteed for verispec only); "
+        "precision T / T + D: the target's (and draft's) kernels, as in the first line.",
+        "",
+        "| engine | config | precision | tokens/s: "
+        + " | ".join(groups)
+        + " | acceptance | = own plain: "
+        + " | ".join(groups)
+        + " |",
+        "|---|---|---|" + "---:|" * len(groups) + "---:|" + "---:|" * len(groups),
+    ]
+    for config in run.configs:
+        row = rows[config.name]
+        rates = [_fmt(row["tokens_per_second"][g]) for g in groups]
+        same = [_fmt(row["own_plain_identical"][g], ".0%") for g in groups]
+        lines.append(
+            f"| {row['engine']} | {config.name} | {_precision(config, setup, run.peers)} | "
+            + " | ".join(rates)
+            + f" | {_fmt(row['acceptance_rate'], '.0%')} | "
+            + " | ".join(same)
+            + " |"
+        )
+    for info in run.peers.values():
+        if info.get("build"):
+            lines += ["", f"{info['engine']}: {info['build']}"]
+    peers = [c.name for c in run.configs if c.engine != "verispec"]
+    best = engines["best_speculative"]
+    if peers and any(best.values()):
+        hybrid = any(c.name == "hybrid-auto" for c in run.configs)
+        lines += [
+            "",
+            "verispec's speedup over each peer (median tokens/s over the peer's, same run): "
+            + (
+                "best speculative configuration / hybrid-auto (the default):"
+                if hybrid
+                else "best speculative configuration:"
+            ),
+            "",
+            "| peer | " + " | ".join(groups) + " |",
+            "|---|" + "---:|" * len(groups),
+            "| *(best verispec)* | " + " | ".join(best[g] or "–" for g in groups) + " |",
+        ]
+        for name in peers:
+            row = rows[name]
+            cells = [
+                _fmt(row["speedup_of_best"][g], ".2f", "x")
+                + (f" / {_fmt(row['speedup_of_hybrid_auto'][g], '.2f', 'x')}" if hybrid else "")
+                for g in groups
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _limit_lines(run: BenchRun, summary: dict[str, Any], setup: dict[str, Any]) -> list[str]:
+    """The memory-bandwidth bound on each verispec configuration's tokens/s."""
+    limit = setup.get("limit")
+    if not limit:
+        return []
+    lines = [
+        "",
+        f"The limit: this machine reads {limit['read_bandwidth_gbps']:.1f} GB/s (sum over a "
+        f"512 MB fp32 tensor, {limit.get('threads', '?')} threads, best of 3); a target pass "
+        f"reads {limit['bytes_per_pass'] / 1e6:.0f} MB (its parameters and buffers as loaded), "
+        f"so at most {limit['passes_per_second']:.1f} target passes/s. Bound = that x tokens "
+        "per pass (draft passes not counted); measured = all tokens / all time.",
+        "",
+        "| config | tokens/pass | bound tokens/s | measured tokens/s | measured / bound |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in limit_rows(run, summary, limit):
+        lines.append(
+            f"| {row['config']} | {_fmt(row['tokens_per_pass'])} "
+            f"| {_fmt(row['bound_tokens_per_second'], '.1f')} "
+            f"| {_fmt(row['tokens_per_second'], '.1f')} | {_fmt(row['share_of_bound'], '.0%')} |"
+        )
+    return lines
 
 
 def markdown(
@@ -421,6 +696,7 @@ def markdown(
             for c in others
         ]
         lines.append(f"| {group} | {plain_tps:.2f} | " + " | ".join(cells) + " |")
+    lines += _engines_lines(run, summary, setup)
     drafting = [c.name for c in run.configs if c.engine == "verispec" and c.speculative]
     width = max(
         (len(summary["configs"][c]["all"]["acceptance_by_position"]) for c in drafting), default=0
@@ -444,6 +720,7 @@ def markdown(
             f"Measured costs: target step {costs['target_step_seconds'] * 1e3:.0f} ms, "
             f"c_draft {costs['c_draft']:.2f}, c_verify(k) {cv}.",
         ]
+    lines += _limit_lines(run, summary, setup)
     for note in run.notes:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
@@ -473,6 +750,12 @@ def write_results(
         "configs": [c.__dict__ for c in run.configs],
         "costs": costs,
         "notes": run.notes,
+        "peers": run.peers,
+        "limit": (
+            {**setup["limit"], "configs": limit_rows(run, summary, setup["limit"])}
+            if setup.get("limit")
+            else None
+        ),
         "summary": summary,
         "records": records,
     }

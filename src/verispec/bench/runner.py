@@ -17,7 +17,17 @@ Measurement protocol:
    template's opening that the previous conversation shared.
 4. Under greedy decoding every output is compared token for token with the
    plain configuration's output on the same prompt; a difference in a verispec
-   configuration is a bug (verispec is lossless), and is reported as such.
+   configuration is a bug (verispec is lossless), and is reported as such. Each
+   speculative configuration is also compared with its own engine's plain one
+   (``matches_own_plain``: hf-assisted with hf-plain, llamacpp-spec with
+   llamacpp-plain, ov-spec with ov-plain); a peer's difference is reported, not
+   an error.
+
+External peers (llama.cpp, OpenVINO GenAI: :class:`~verispec.bench.peers.ExternalPeer`)
+are opened lazily, once per engine per run, by their module's ``open_peer`` with
+the bench's model specs, and closed when the run ends. An engine that is not
+installed (or fails to open) is skipped with one note naming its install
+command; they decode greedily only, so a sampled run skips them.
 
 The harness uses only the public API (:func:`verispec.stream`, the drafters,
 and ``model.hf`` for the transformers peers), so faster kernels or a better
@@ -27,15 +37,17 @@ draft-length policy show up here without changes.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from verispec.bench.datasets import BenchPrompt
-from verispec.bench.peers import hf_generate
+from verispec.bench.peers import ExternalPeer, PeerUnavailableError, hf_generate
 from verispec.drafting import Drafter, DraftModelDrafter, HybridDrafter, PromptLookupDrafter
 from verispec.engine import DraftLength
 from verispec.errors import InvalidArgumentError
@@ -48,20 +60,53 @@ from verispec.sampling import SamplingParams
 
 WARMUP_TOKENS = 8
 
+# External peer engines: BenchConfig.engine -> (module with open_peer, install command).
+PEER_ENGINES: dict[str, tuple[str, str]] = {
+    "llama.cpp": ("verispec.bench.llamacpp", "python -m verispec.bench.llamacpp build"),
+    "openvino": (
+        "verispec.bench.openvino",
+        "pip install -e '.[openvino]' && python -m verispec.bench.openvino export",
+    ),
+}
+# Each engine's plain configuration, which its speculative ones must reproduce.
+OWN_PLAIN = {
+    "verispec": "plain",
+    "transformers": "hf-plain",
+    "llama.cpp": "llamacpp-plain",
+    "openvino": "ov-plain",
+}
+PEER_CONFIGS = {
+    "llamacpp-plain": "llama.cpp",
+    "llamacpp-spec": "llama.cpp",
+    "ov-plain": "openvino",
+    "ov-spec": "openvino",
+}
+PeerOpener = Callable[..., ExternalPeer]
+
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One way of decoding: verispec with a drafter, or a transformers peer."""
+    """One way of decoding: verispec with a drafter, or a peer engine."""
 
-    name: str  # "plain", "draft-k4", "draft-auto", "lookup", "hf-plain", "hf-assisted", ...
-    engine: str  # "verispec" or "transformers"
-    drafter: str  # "none", "model" or "lookup"
+    name: str  # "plain", "draft-k4", "draft-auto", "lookup", "hf-plain", "llamacpp-spec", ...
+    engine: str  # "verispec", "transformers", "llama.cpp" or "openvino"
+    drafter: str  # "none", "model", "hybrid" or "lookup" ("model" for a peer's own drafting)
     k: DraftLength = 0  # draft length: an integer, "auto", or 0 (no drafter / peer default)
     siblings: bool = True  # "auto" drafts may carry token-tree siblings (greedy only)
 
     @property
     def speculative(self) -> bool:
         return self.drafter != "none"
+
+    @property
+    def external(self) -> bool:
+        """Run by another engine through :class:`~verispec.bench.peers.ExternalPeer`."""
+        return self.engine in PEER_ENGINES
+
+    @property
+    def own_plain(self) -> str | None:
+        """The plain configuration of this one's engine, for a speculative one."""
+        return OWN_PLAIN.get(self.engine) if self.speculative else None
 
 
 def parse_configs(text: str | None, *, ks: Sequence[int], lookup_k: int) -> list[BenchConfig]:
@@ -74,6 +119,7 @@ def parse_configs(text: str | None, *, ks: Sequence[int], lookup_k: int) -> list
             raise InvalidArgumentError(f"draft lengths must be between 1 and 64, got {k}")
     default = ["plain", *(f"draft-k{k}" for k in ks), "draft-auto", "hybrid-auto", "lookup"]
     default += ["hf-plain", "hf-assisted", "hf-lookup", "hf-default"]
+    default += ["llamacpp-plain", "llamacpp-spec", "ov-plain", "ov-spec"]
     names = default if text is None else [s.strip() for s in text.split(",") if s.strip()]
     configs: list[BenchConfig] = []
     for name in dict.fromkeys(["plain", *names]):
@@ -97,11 +143,14 @@ def parse_configs(text: str | None, *, ks: Sequence[int], lookup_k: int) -> list
             configs.append(BenchConfig(name, "transformers", "lookup", lookup_k))
         elif name == "hf-default":  # plain generate() on PyTorch's default kernels
             configs.append(BenchConfig(name, "transformers", "none"))
+        elif name in PEER_CONFIGS:  # another engine; "-spec": its own speculative decoding
+            drafter = "model" if name.endswith("-spec") else "none"
+            configs.append(BenchConfig(name, PEER_CONFIGS[name], drafter))
         else:
             raise InvalidArgumentError(
                 f"unknown configuration {name!r}; choose from plain, draft-k<K> (K in 1..64), "
                 "draft-auto, draft-auto-chain, hybrid-auto, lookup, hf-plain, hf-assisted, "
-                "hf-lookup, hf-default"
+                "hf-lookup, hf-default, llamacpp-plain, llamacpp-spec, ov-plain, ov-spec"
             )
     return configs
 
@@ -121,7 +170,7 @@ class RunRecord:
     time_total: float  # wall seconds, prompt pass included
     pass_ends: tuple[float, ...]  # seconds from the start to the end of each target pass
     pass_tokens: tuple[int, ...]  # tokens emitted by each target pass
-    drafted: int | None = None  # None where not known (transformers peers)
+    drafted: int | None = None  # None where not known (transformers peers, some others)
     accepted: int | None = None
     drafted_by_position: tuple[int, ...] = ()
     accepted_by_position: tuple[int, ...] = ()
@@ -136,8 +185,10 @@ class RunRecord:
     time_verify: float | None = None
     time_overhead: float | None = None
     time_forward: float | None = None  # inside target and draft forward passes (verispec only)
-    matches_plain: bool | None = None  # greedy only
+    matches_plain: bool | None = None  # greedy only: the same tokens as verispec plain
     first_mismatch: int | None = None  # index of the first differing token
+    # greedy, speculative configurations only: the same tokens as its own engine's plain one
+    matches_own_plain: bool | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -182,6 +233,8 @@ class BenchRun:
     records: list[RunRecord]
     configs: list[BenchConfig]  # the ones that ran
     notes: list[str]  # configurations skipped and why
+    # per external engine (BenchConfig.engine): its name, precision, draft_precision, build
+    peers: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -244,6 +297,10 @@ class Runner:
         params: SamplingParams,
         default_target: LanguageModel | None = None,
         prefix_cache: bool = False,
+        target_spec: str | None = None,
+        draft_spec: str | None = None,
+        cache_dir: Path | None = None,
+        peer_openers: Mapping[str, PeerOpener] | None = None,
     ) -> None:
         self.target = target
         self.default_target = default_target  # the target on default kernels, for hf-default
@@ -260,6 +317,66 @@ class Runner:
         self.prefix_cache = prefix_cache
         self._prefix: dict[str, PrefixCache] = {}  # per configuration: its own last turn
         self._costs: dict[bool, CostModel] = {}  # with / without the draft model
+        # External peers: opened on first use, once per engine; a failure is kept too.
+        self.target_spec = target_spec or target.name
+        self.draft_spec = draft_spec if draft_spec is not None else getattr(draft, "name", None)
+        self.cache_dir = cache_dir
+        self._peer_openers = dict(peer_openers or {})
+        self._peers: dict[str, ExternalPeer | PeerUnavailableError] = {}
+
+    def peer(self, engine: str) -> ExternalPeer:
+        """The engine's peer, opened on the first call; PeerUnavailableError (one line,
+        with the install command) when it cannot be imported or opened."""
+        if engine not in self._peers:
+            self._peers[engine] = self._open_peer(engine)
+        peer = self._peers[engine]
+        if isinstance(peer, PeerUnavailableError):
+            raise peer
+        return peer
+
+    def _open_peer(self, engine: str) -> ExternalPeer | PeerUnavailableError:
+        module_name, install = PEER_ENGINES[engine]
+        opener = self._peer_openers.get(engine)
+        try:
+            if opener is None:
+                opener = importlib.import_module(module_name).open_peer
+            return opener(
+                self.target_spec,
+                self.draft_spec,
+                threads=torch.get_num_threads(),
+                cache_dir=self.cache_dir,
+            )
+        except PeerUnavailableError as exc:
+            return exc
+        except ImportError as exc:
+            why = f"{module_name} cannot be imported ({_one_line(exc)})"
+        except Exception as exc:  # an engine that fails to start must not end the bench
+            why = f"{engine} failed to open ({type(exc).__name__}: {_one_line(exc)})"
+        return PeerUnavailableError(f"{why}; install it with: {install} (or make peers)")
+
+    def peer_info(self) -> dict[str, dict[str, str | None]]:
+        """Name, precision, draft precision and build of each peer opened."""
+        return {
+            engine: {
+                "engine": str(getattr(peer, "engine", engine)),
+                "precision": getattr(peer, "precision", None),
+                "draft_precision": getattr(peer, "draft_precision", None),
+                "build": getattr(peer, "build", None),
+            }
+            for engine, peer in self._peers.items()
+            if not isinstance(peer, PeerUnavailableError)
+        }
+
+    def close(self) -> list[str]:
+        """Close every peer opened (each, whatever the others do); the errors, as lines."""
+        errors = []
+        for engine, peer in self._peers.items():
+            if not isinstance(peer, PeerUnavailableError):
+                try:
+                    peer.close()
+                except Exception as exc:
+                    errors.append(f"closing {engine} failed: {type(exc).__name__}: {exc}")
+        return errors
 
     def costs(self, *, with_draft: bool) -> CostModel:
         """The cost model ``-k auto`` uses (the library's, cached per machine), measured
@@ -298,6 +415,26 @@ class Runner:
             "seed": unit.seed,
             "prompt_tokens": len(unit.prompt_ids),
         }
+        if config.external:
+            if not params.greedy:
+                raise InvalidArgumentError(
+                    f"{config.engine} runs greedy decoding only (this run samples)"
+                )
+            out = self.peer(config.engine).generate(
+                list(unit.prompt_ids),
+                max_new_tokens=max_new_tokens,
+                speculative=config.speculative,
+                eos_token_ids=self.target.eos_token_ids,
+            )
+            return RunRecord(
+                **common,
+                token_ids=tuple(int(t) for t in out.token_ids),
+                time_total=out.time_total,
+                pass_ends=tuple(out.pass_ends),
+                pass_tokens=tuple(out.pass_tokens),
+                drafted=out.drafted,
+                accepted=out.accepted,
+            )
         if config.engine == "transformers":
             model = self.default_target if config.name == "hf-default" else self.target
             if model is None:
@@ -391,8 +528,19 @@ def _messages(prompt: BenchPrompt, answers: list[str], turn: int) -> list[dict[s
     return messages
 
 
-def _check_against_plain(records: list[RunRecord]) -> list[RunRecord]:
-    plain = next(r for r in records if r.config == "plain")
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_against_plain(
+    records: list[RunRecord], configs: Sequence[BenchConfig] = ()
+) -> list[RunRecord]:
+    """Each record compared with verispec plain's on the same turn and, for the
+    speculative ``configs``, with its own engine's plain one (where that ran)."""
+    by_name = {r.config: r for r in records}
+    plain = by_name["plain"]
+    own = {c.name: c.own_plain for c in configs}
     out = []
     for r in records:
         same = r.token_ids == plain.token_ids
@@ -400,7 +548,15 @@ def _check_against_plain(records: list[RunRecord]) -> list[RunRecord]:
         if not same:
             n = min(len(r.token_ids), len(plain.token_ids))
             first = next((i for i in range(n) if r.token_ids[i] != plain.token_ids[i]), n)
-        out.append(dataclasses.replace(r, matches_plain=same, first_mismatch=first))
+        own_plain = by_name.get(own.get(r.config) or "")
+        out.append(
+            dataclasses.replace(
+                r,
+                matches_plain=same,
+                first_mismatch=first,
+                matches_own_plain=None if own_plain is None else r.token_ids == own_plain.token_ids,
+            )
+        )
     return out
 
 
@@ -416,10 +572,16 @@ def run_bench(
     log: Callable[[str], None] = print,
     default_target: LanguageModel | None = None,
     prefix_cache: bool = True,
+    target_spec: str | None = None,
+    draft_spec: str | None = None,
+    cache_dir: Path | None = None,
+    peer_openers: Mapping[str, PeerOpener] | None = None,
 ) -> BenchRun:
-    """Run ``configs`` on every turn of every prompt (see the module docstring)."""
-    from tqdm.auto import tqdm
+    """Run ``configs`` on every turn of every prompt (see the module docstring).
 
+    ``target_spec`` / ``draft_spec`` (default: the models' names) are what external
+    peers are opened with; ``peer_openers`` replaces an engine's ``open_peer``.
+    """
     runner = Runner(
         target,
         draft,
@@ -427,7 +589,29 @@ def run_bench(
         params=params,
         default_target=default_target,
         prefix_cache=prefix_cache,
+        target_spec=target_spec,
+        draft_spec=draft_spec,
+        cache_dir=cache_dir,
+        peer_openers=peer_openers,
     )
+    try:
+        return _run_all(runner, prompts, configs, progress=progress, log=log)
+    finally:
+        for line in runner.close():
+            log(f"note: {line}")
+
+
+def _run_all(
+    runner: Runner,
+    prompts: Sequence[BenchPrompt],
+    configs: Sequence[BenchConfig],
+    *,
+    progress: bool,
+    log: Callable[[str], None],
+) -> BenchRun:
+    from tqdm.auto import tqdm
+
+    target, params, max_new_tokens = runner.target, runner.params, runner.max_new_tokens
     base_seed = params.seed if params.seed is not None else 0
     notes: list[str] = []
     if not prompts:
@@ -438,15 +622,37 @@ def run_bench(
     ids = encode_prompt(target.tokenizer, _messages(first, [], 1))
     warm = _Unit(first, 1, ids, None if params.greedy else base_seed)
     active: list[BenchConfig] = []
+    skipped: set[str] = set()
+
+    def skip(names: list[str], why: str) -> None:
+        skipped.update(names)
+        notes.append(f"{', '.join(names)} skipped: {why}")
+        log(f"note: {notes[-1]}")
+
     for config in configs:
+        if config.name in skipped:
+            continue
+        if config.external:  # one note for all of an engine's configurations
+            engine = [c.name for c in configs if c.engine == config.engine]
+            if not params.greedy:
+                skip(engine, f"{config.engine} peers decode greedily only (this run samples)")
+                continue
+            try:
+                runner.peer(config.engine)
+            except PeerUnavailableError as exc:
+                skip(engine, _one_line(exc))
+                continue
         try:
             runner.run(config, warm, max_new_tokens=min(WARMUP_TOKENS, max_new_tokens))
             active.append(config)
         except InvalidArgumentError as exc:
             if config.name == "plain":
                 raise
-            notes.append(f"{config.name} skipped: {exc}")
-            log(f"note: {config.name} skipped: {exc}")
+            skip([config.name], _one_line(exc) if config.external else str(exc))
+        except Exception as exc:  # another engine failing here must not end the bench
+            if not config.external:
+                raise
+            skip([config.name], f"{config.engine} failed ({type(exc).__name__}: {_one_line(exc)})")
     runner.clear_prefix_caches()  # the first prompt must not reuse its warm-up
 
     # 2. Every turn of every prompt, all configurations, rotating their order.
@@ -467,7 +673,7 @@ def run_bench(
                 bar.update(1)
             results.sort(key=lambda r: [c.name for c in active].index(r.config))
             if params.greedy:
-                results = _check_against_plain(results)
+                results = _check_against_plain(results, active)
             records.extend(results)
             # 3. The next turn follows the plain greedy answer, the same for every configuration.
             if turn < len(prompt.turns):
@@ -475,4 +681,4 @@ def run_bench(
                 answers.append(target.tokenizer.decode(list(answer), skip_special_tokens=True))
             index += 1
     bar.close()
-    return BenchRun(records=records, configs=active, notes=notes)
+    return BenchRun(records=records, configs=active, notes=notes, peers=runner.peer_info())
